@@ -1,0 +1,1 @@
+"""The DICOM node: receive, spool, assemble, queue, send."""

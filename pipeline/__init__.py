@@ -1,0 +1,1 @@
+"""Image pipeline: series selection, volume, phantom, models, analysis."""

@@ -1,0 +1,1 @@
+"""DICOM results: TID 1500 SR, SEG and preview series (highdicom)."""
