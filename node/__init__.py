@@ -1,1 +1,8 @@
 """The DICOM node: receive, spool, assemble, queue, send."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("ich-node")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0+source"

@@ -1,0 +1,148 @@
+"""The node's lifecycle: start everything, resume unfinished work, stop cleanly.
+
+Start order: state database, recovery (spool, jobs, outbound), scheduler and
+assembler, worker process, sender, HTTP endpoint, and the DICOM listener last,
+so that nothing is accepted before it can be kept. Stop order is the reverse:
+stop accepting first, then let the worker finish or re-queue its job.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+from pynetdicom.transport import ThreadedAssociationServer
+
+from node import __version__
+from node.assembler import SeriesAssembler
+from node.config import NodeConfig, check_runtime
+from node.db import StateDB
+from node.http import HttpEndpoint
+from node.jobs import SqliteJobQueue
+from node.metrics import NodeMetrics
+from node.retention import sweep
+from node.scp import start_server
+from node.sender import Sender, SqliteOutboundQueue
+from node.spool import DiskSpool
+from node.worker import REAL_ANALYZER, WorkerProcess
+
+LOGGER = logging.getLogger(__name__)
+
+
+class Node:
+    """One running node. ``analyzer`` is an import path; ``ich-node run`` uses the real one."""
+
+    def __init__(self, config: NodeConfig, analyzer: str = REAL_ANALYZER) -> None:
+        spool_path = config.spool.path.resolve()
+        self.config = config.model_copy(update={"spool": config.spool.model_copy(
+            update={"path": spool_path})})
+        self.analyzer = analyzer
+        self.metrics = NodeMetrics()
+        self._stopped = threading.Event()
+        self._server: ThreadedAssociationServer | None = None
+        self._http: HttpEndpoint | None = None
+        self.db: StateDB | None = None
+
+    def start(self) -> None:
+        """Start every part; return once the DICOM port listens."""
+        cfg = self.config
+        check_runtime(cfg)
+        self.db = db = StateDB(cfg.spool.path)
+        self.spool = DiskSpool(cfg.spool.path, db, cfg.spool.fsync,
+                               cfg.assembly.rerun_on_late_instances)
+        self.jobs = SqliteJobQueue(db, cfg.worker.max_job_attempts)
+        self.outbound = SqliteOutboundQueue(db, cfg.outbound.max_attempts,
+                                            cfg.outbound.backoff_initial_s,
+                                            cfg.outbound.backoff_max_s)
+        self.metrics.add_state(db, cfg.spool.path)
+        recovered = self.spool.recover()
+        requeued, failed = self.jobs.requeue_interrupted()
+        resent = self.outbound.requeue_interrupted()
+
+        self.scheduler = BackgroundScheduler(executors={"default": ThreadPoolExecutor(4)},
+                                             job_defaults={"misfire_grace_time": None})
+        self.assembler = SeriesAssembler(self.scheduler, self.jobs, cfg.assembly, self.metrics)
+        self.scheduler.start()
+        resumed = self.assembler.resume()
+        self.scheduler.add_job(self._housekeeping, "interval", seconds=2.0, id="housekeeping")
+        self.scheduler.add_job(self._retention, "interval", seconds=cfg.retention.sweep_interval_s,
+                               id="retention")
+
+        self.worker = WorkerProcess(cfg, self.analyzer, self.jobs)
+        self.worker.start()
+        self.sender = Sender(cfg, self.outbound, self.metrics)
+        self.sender.start()
+        if cfg.http.port:
+            self._http = HttpEndpoint(cfg.http.host, cfg.http.port, self.metrics, self.healthy)
+            self._http.start()
+        self.ae, self._server = start_server(cfg, self.spool, self.assembler, self.metrics)
+        LOGGER.info(
+            "ich-node %s listening as %s on %s:%d; spool %s; %d destinations; analyzer %s; "
+            "recovered %d files, re-queued %d jobs (%d failed), %d outbound, resumed %d series",
+            __version__, cfg.dicom.ae_title, cfg.dicom.host, self.port, cfg.spool.path,
+            len(cfg.destinations), self.analyzer, recovered, requeued, failed, resent, resumed)
+
+    @property
+    def port(self) -> int:
+        """The DICOM port actually bound (useful with port 0 in tests)."""
+        assert self._server is not None, "node not started"
+        return int(self._server.server_address[1])
+
+    @property
+    def http_port(self) -> int | None:
+        """The HTTP port actually bound, if enabled."""
+        return self._http.port if self._http else None
+
+    def healthy(self) -> tuple[bool, str]:
+        """Liveness: the worker runs and the listener is up."""
+        if self._server is None:
+            return False, "DICOM listener not running"
+        if not self.worker.is_alive():
+            return False, "worker process not running"
+        return True, "ok"
+
+    def _housekeeping(self) -> None:
+        self.worker.ensure_running()
+
+    def _retention(self) -> None:
+        assert self.db is not None
+        sweep(self.db, self.config.retention, self.config.spool.path)
+
+    def stop(self) -> None:
+        """Stop accepting, finish or re-queue the current job, stop everything."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        LOGGER.info("stopping: no new associations")
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        self.scheduler.shutdown(wait=True)
+        self.worker.stop()
+        self.sender.stop()
+        if self._http is not None:
+            self._http.stop()
+        if self.db is not None:
+            self.db.close()
+        LOGGER.info("stopped")
+
+    def serve_forever(self) -> None:
+        """Start, then run until SIGTERM or SIGINT."""
+        wake = threading.Event()
+
+        def _on_signal(signum: int, frame: FrameType | None) -> None:
+            LOGGER.info("received %s", signal.Signals(signum).name)
+            wake.set()
+
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+        self.start()
+        try:
+            while not wake.wait(1.0):
+                pass
+        finally:
+            self.stop()

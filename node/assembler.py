@@ -1,0 +1,111 @@
+"""Series assembly: a series is complete after a quiet period.
+
+Each arrival (re)schedules an apscheduler date job for its series at
+``now + quiet period`` (per calling AE). When it fires and the series has been
+quiet long enough, the series becomes one job in the durable queue. An
+association release may schedule an earlier check (``release_grace_seconds``)
+for the series it delivered, once no other association is delivering to them;
+it is never the only signal. After a restart, :meth:`SeriesAssembler.resume`
+schedules every series that was still receiving.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from apscheduler.schedulers.base import BaseScheduler
+
+from node.config import AssemblyConfig
+from node.db import now
+from node.jobs import SqliteJobQueue
+from node.metrics import NodeMetrics
+
+LOGGER = logging.getLogger(__name__)
+
+_EPSILON_S = 0.005
+
+
+class SeriesAssembler:
+    """Keeps one completion timer per receiving series."""
+
+    def __init__(self, scheduler: BaseScheduler, jobs: SqliteJobQueue, config: AssemblyConfig,
+                 metrics: NodeMetrics, on_job: Callable[[int], None] | None = None) -> None:
+        self.scheduler = scheduler
+        self.jobs = jobs
+        self.config = config
+        self.metrics = metrics
+        self.on_job = on_job
+        self._lock = threading.Lock()
+        self._delivering: dict[str, set[int]] = {}
+        self._by_assoc: dict[int, set[str]] = {}
+
+    def instance_arrived(self, series_uid: str, calling_ae: str, assoc_id: int) -> None:
+        """An instance of *series_uid* was spooled: restart its quiet period."""
+        with self._lock:
+            self._delivering.setdefault(series_uid, set()).add(assoc_id)
+            self._by_assoc.setdefault(assoc_id, set()).add(series_uid)
+        self._schedule(series_uid, self.config.quiet_for(calling_ae), early=False)
+
+    def association_ended(self, assoc_id: int, released: bool) -> None:
+        """An association ended; on a release, check its idle series early."""
+        with self._lock:
+            series = self._by_assoc.pop(assoc_id, set())
+            idle = []
+            for uid in series:
+                senders = self._delivering.get(uid, set())
+                senders.discard(assoc_id)
+                if not senders:
+                    self._delivering.pop(uid, None)
+                    idle.append(uid)
+        grace = self.config.release_grace_seconds
+        if released and grace is not None:
+            for uid in idle:
+                self._schedule(uid, grace, early=True)
+
+    def resume(self) -> int:
+        """Start-up: schedule a check for every series left ``receiving``."""
+        rows = self.jobs.db.query("SELECT series_uid, calling_ae, last_received_at FROM series"
+                                  " WHERE state = 'receiving'")
+        for row in rows:
+            remaining = row["last_received_at"] + self.config.quiet_for(row["calling_ae"]) - now()
+            self._schedule(row["series_uid"], max(0.0, remaining), early=False)
+        if rows:
+            LOGGER.info("resumed assembly of %d series", len(rows))
+        return len(rows)
+
+    def _schedule(self, series_uid: str, delay_s: float, early: bool) -> None:
+        self.scheduler.add_job(
+            self.check, "date", run_date=datetime.now() + timedelta(seconds=delay_s),
+            args=[series_uid, early], id=f"series:{series_uid}", replace_existing=True,
+            misfire_grace_time=None, coalesce=True,
+        )
+
+    def check(self, series_uid: str, early: bool = False) -> int | None:
+        """Turn the series into a job if it has been quiet long enough; else re-arm."""
+        rows = self.jobs.db.query("SELECT state, calling_ae, last_received_at FROM series"
+                                  " WHERE series_uid = ?", (series_uid,))
+        if not rows or rows[0]["state"] != "receiving":
+            return None
+        row = rows[0]
+        quiet = self.config.quiet_for(row["calling_ae"])
+        idle = now() - row["last_received_at"]
+        with self._lock:
+            busy = bool(self._delivering.get(series_uid))
+        grace = self.config.release_grace_seconds
+        if early and (busy or grace is None):
+            early = False
+        threshold = grace if (early and grace is not None) else quiet
+        if idle + _EPSILON_S < threshold:
+            self._schedule(series_uid, threshold - idle, early)
+            return None
+        job_id = self.jobs.create_for_series(series_uid)
+        if job_id is not None:
+            self.metrics.series_completed.inc()
+            LOGGER.info("series %s quiet for %.1f s (%s): job %d", series_uid, idle,
+                        "after release" if early else "quiet period", job_id)
+            if self.on_job is not None:
+                self.on_job(job_id)
+        return job_id

@@ -1,0 +1,149 @@
+"""``ich-node``: the command line. Each verb parses its flags and calls one function."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from node.config import ConfigError, NodeConfig, load_config, parse_destination
+
+LOGGER = logging.getLogger(__name__)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="config file (YAML); defaults apply without")
+    parser.add_argument("--spool", type=Path, help="spool folder (overrides spool.path)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every verb."""
+    parser = argparse.ArgumentParser(prog="ich-node", description=__doc__)
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    run = verbs.add_parser("run", help="start the DICOM node")
+    _common(run)
+    run.add_argument("--port", type=int, help="DICOM port (dicom.port)")
+    run.add_argument("--ae-title", help="our AE title (dicom.ae_title)")
+    run.add_argument("--destination", action="append", metavar="AET@HOST:PORT",
+                     help="send results here (repeatable; replaces configured destinations)")
+    run.add_argument("--quiet-seconds", type=float, help="assembly.quiet_seconds")
+
+    echo = verbs.add_parser("echo", help="C-ECHO a configured destination")
+    _common(echo)
+    echo.add_argument("name", help="destination name")
+
+    status = verbs.add_parser("status", help="series, jobs and outbound queue")
+    _common(status)
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument("--limit", type=int, default=50, help="series to list (default 50)")
+
+    resend = verbs.add_parser("resend", help="send a study's results again")
+    _common(resend)
+    resend.add_argument("study_uid", metavar="STUDY_UID")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> NodeConfig:
+    """Defaults < file < environment < flags."""
+    overrides: dict[str, Any] = {}
+    if args.spool is not None:
+        overrides.setdefault("spool", {})["path"] = str(args.spool)
+    if getattr(args, "port", None) is not None:
+        overrides.setdefault("dicom", {})["port"] = args.port
+    if getattr(args, "ae_title", None) is not None:
+        overrides.setdefault("dicom", {})["ae_title"] = args.ae_title
+    if getattr(args, "quiet_seconds", None) is not None:
+        overrides.setdefault("assembly", {})["quiet_seconds"] = args.quiet_seconds
+    if getattr(args, "destination", None):
+        overrides["destinations"] = [parse_destination(d, i)
+                                     for i, d in enumerate(args.destination)]
+    return load_config(args.config, overrides)
+
+
+def cmd_run(config: NodeConfig) -> int:
+    """``ich-node run``."""
+    from node.app import Node
+
+    Node(config).serve_forever()
+    return 0
+
+
+def cmd_echo(config: NodeConfig, name: str) -> int:
+    """``ich-node echo NAME``."""
+    from node.sender import SendError, echo
+
+    dest = config.destination(name)
+    try:
+        status = echo(config, dest)
+    except SendError as exc:
+        print(f"echo {name}: {exc}", file=sys.stderr)
+        return 1
+    print(f"echo {name} ({dest.ae_title}@{dest.host}:{dest.port}): status 0x{status:04X}")
+    return 0 if status == 0 else 1
+
+
+def cmd_status(config: NodeConfig, as_json: bool, limit: int) -> int:
+    """``ich-node status``."""
+    from node import status
+
+    try:
+        data = status.collect(config.spool.path, limit)
+    except FileNotFoundError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    print(status.to_json(data) if as_json else status.render_text(data))
+    return 0
+
+
+def cmd_resend(config: NodeConfig, study_uid: str) -> int:
+    """``ich-node resend STUDY_UID``."""
+    from node.db import StateDB
+    from node.sender import SqliteOutboundQueue
+
+    db = StateDB(config.spool.path, create=False)
+    try:
+        queue = SqliteOutboundQueue(db, config.outbound.max_attempts,
+                                    config.outbound.backoff_initial_s, config.outbound.backoff_max_s)
+        count = queue.resend_study(study_uid)
+    finally:
+        db.close()
+    if count == 0:
+        print(f"resend: no results for study {study_uid} (not analysed yet, or unknown)",
+              file=sys.stderr)
+        return 1
+    print(f"resend: {count} result sets of study {study_uid} queued again")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ich-node`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"ich-node: {exc}", file=sys.stderr)
+        return 2
+    from node.logs import setup_logging
+
+    setup_logging(config.logging)
+    try:
+        if args.verb == "run":
+            return cmd_run(config)
+        if args.verb == "echo":
+            return cmd_echo(config, args.name)
+        if args.verb == "status":
+            return cmd_status(config, args.json, args.limit)
+        if args.verb == "resend":
+            return cmd_resend(config, args.study_uid)
+    except (ConfigError, KeyError, FileNotFoundError) as exc:
+        print(f"ich-node {args.verb}: {exc}", file=sys.stderr)
+        return 2
+    raise AssertionError(f"unhandled verb {args.verb}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

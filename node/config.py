@@ -1,0 +1,301 @@
+"""One typed configuration, read once and passed in explicitly.
+
+Precedence, lowest first: the defaults below, ``config.yaml``, environment
+variables ``ICH_NODE__SECTION__KEY=value`` (value parsed as YAML), command-line
+flags. Every model forbids unknown keys, so a typo stops the node at start with
+a message that names the key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+
+from pipeline.config import PipelineConfig
+
+LOGGER = logging.getLogger(__name__)
+ENV_PREFIX = "ICH_NODE__"
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the offending key."""
+
+
+def _check_ae_title(value: str) -> str:
+    """PS3.5 6.2: an AE title is 1-16 characters of the default repertoire, no backslash."""
+    stripped = value.strip()
+    if not stripped:
+        raise ValueError("an AE title must not be empty")
+    if len(stripped) > 16:
+        raise ValueError(f"AE title {stripped!r} is longer than 16 characters")
+    if not all(32 <= ord(c) < 127 for c in stripped) or "\\" in stripped:
+        raise ValueError(f"AE title {stripped!r} has characters outside the DICOM default repertoire")
+    return stripped
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+
+_UID_ROOT = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DicomConfig(_Strict):
+    """The DICOM listener (PS3.8 upper layer, PS3.7 DIMSE)."""
+
+    ae_title: AETitle = Field("ICH_NODE", description="Our AE title")
+    host: str = Field("0.0.0.0", description="Address to listen on")
+    port: int = Field(11112, ge=0, le=65535, description="TCP port; 0 = any free port")
+    max_associations: int = Field(16, ge=1, description="Concurrent inbound associations")
+    max_pdu_bytes: int = Field(262144, ge=0, description="Maximum PDU we receive; 0 = unlimited")
+    acse_timeout_s: float = Field(30.0, gt=0, description="Association negotiation timeout")
+    dimse_timeout_s: float = Field(60.0, gt=0, description="DIMSE message timeout")
+    network_timeout_s: float = Field(60.0, gt=0, description="Idle network timeout")
+    allowed_calling_aes: list[AETitle] = Field(
+        default_factory=list, description="Calling AE titles allowed; empty = any"
+    )
+    allowed_networks: list[str] = Field(
+        default_factory=list, description="Source IP networks allowed (CIDR); empty = any"
+    )
+    other_sop_classes: Literal["refuse", "accept_and_ignore"] = Field(
+        "refuse", description="Storage SOP classes other than (Enhanced) CT"
+    )
+    tcp_nodelay: bool = Field(True, description="Disable Nagle on our sockets")
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for net in value:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{net!r} is not an IP network: {exc}") from exc
+        return value
+
+
+class SpoolConfig(_Strict):
+    """Where received instances, state and results live."""
+
+    path: Path = Field(Path("spool"), description="Spool folder (relative to the working dir)")
+    min_free_mb: int = Field(1024, ge=0, description="Refuse associations below this free space")
+    fsync: bool = Field(True, description="fsync files and folders before Success")
+
+
+class AssemblyConfig(_Strict):
+    """When a series counts as complete."""
+
+    quiet_seconds: float = Field(5.0, gt=0, description="Quiet period after the last instance")
+    quiet_seconds_by_ae: dict[AETitle, float] = Field(
+        default_factory=dict, description="Quiet period per calling AE (overrides quiet_seconds)"
+    )
+    release_grace_seconds: float | None = Field(
+        1.0, ge=0, description="Early check this long after an association release; null = off"
+    )
+    rerun_on_late_instances: bool = Field(
+        True, description="Instances arriving after analysis started cause a re-run"
+    )
+
+    def quiet_for(self, calling_ae: str) -> float:
+        """The quiet period that applies to instances from *calling_ae*."""
+        return self.quiet_seconds_by_ae.get(calling_ae.strip(), self.quiet_seconds)
+
+
+class Destination(_Strict):
+    """A DICOM peer that receives our results (C-STORE SCP)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Name used by the CLI")
+    ae_title: AETitle
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+
+class OutboundConfig(_Strict):
+    """Retries of the outbound C-STORE queue."""
+
+    max_attempts: int = Field(8, ge=1, description="Attempts per study and destination")
+    backoff_initial_s: float = Field(5.0, gt=0, description="First retry delay, doubled each time")
+    backoff_max_s: float = Field(600.0, gt=0, description="Longest retry delay")
+    calling_ae_title: AETitle | None = Field(None, description="AE title we call with; null = ours")
+
+
+class RetentionConfig(_Strict):
+    """Deletion of processed data, so that the disk never fills by design."""
+
+    done_hours: float = Field(24.0, gt=0, description="Keep finished studies this long")
+    failed_days: float = Field(14.0, gt=0, description="Keep failed and dead-lettered ones this long")
+    sweep_interval_s: float = Field(600.0, gt=0, description="How often to sweep")
+
+
+class WorkerConfig(_Strict):
+    """The analysis worker process."""
+
+    poll_interval_s: float = Field(0.5, gt=0, description="Job queue poll interval")
+    max_job_attempts: int = Field(3, ge=1, description="A job that kills its worker this often fails")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="Wait this long for the current job on stop")
+
+
+class HttpConfig(_Strict):
+    """The HTTP endpoint for /metrics and /healthz."""
+
+    host: str = Field("127.0.0.1", description="Address; keep it local unless firewalled")
+    port: int = Field(9110, ge=0, le=65535, description="Port; 0 = disabled")
+
+
+class LoggingConfig(_Strict):
+    """Log output."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
+class NodeConfig(_Strict):
+    """The whole configuration of one node."""
+
+    dicom: DicomConfig = Field(default_factory=DicomConfig)
+    spool: SpoolConfig = Field(default_factory=SpoolConfig)
+    assembly: AssemblyConfig = Field(default_factory=AssemblyConfig)
+    destinations: list[Destination] = Field(default_factory=list)
+    outbound: OutboundConfig = Field(default_factory=OutboundConfig)
+    retention: RetentionConfig = Field(default_factory=RetentionConfig)
+    worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    uid_root: str = Field(
+        "1.2.826.0.1.3680043.8.498.", description="Root for the UIDs we create (ends with a dot)"
+    )
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+
+    @field_validator("uid_root")
+    @classmethod
+    def _uid_root(cls, value: str) -> str:
+        if not _UID_ROOT.match(value) or len(value) > 40:
+            raise ValueError(f"{value!r} is not a UID root (digits and dots, ending in a dot, <= 40 chars)")
+        return value
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique_names(cls, value: list[Destination]) -> list[Destination]:
+        names = [d.name for d in value]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise ValueError(f"destination names must be unique, repeated: {sorted(dupes)}")
+        return value
+
+    def destination(self, name: str) -> Destination:
+        """The destination called *name*; KeyError names the known ones."""
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        known = ", ".join(d.name for d in self.destinations) or "none configured"
+        raise KeyError(f"no destination named {name!r} (known: {known})")
+
+
+def parse_destination(text: str, index: int = 0) -> dict[str, Any]:
+    """Parse ``AET@HOST:PORT`` (the ``--destination`` flag) into a destination mapping."""
+    match = re.fullmatch(r"([^@]{1,16})@(\[[^\]]+\]|[^:]+):(\d{1,5})", text.strip())
+    if not match:
+        raise ConfigError(f"--destination {text!r}: expected AET@HOST:PORT")
+    ae, host, port = match.groups()
+    return {"name": f"{ae.strip()}-{index}" if index else ae.strip(), "ae_title": ae,
+            "host": host.strip("[]"), "port": int(port)}
+
+
+def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        keys = [k.lower() for k in name[len(ENV_PREFIX):].split("__") if k]
+        if not keys:
+            continue
+        node = result
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = yaml.safe_load(raw)
+    return result
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(
+    path: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> NodeConfig:
+    """Read defaults, then *path*, then the environment, then *overrides*; validate once."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: the top level must be a mapping")
+        data = loaded or {}
+    data = _deep_merge(data, _env_overrides(os.environ if environ is None else environ))
+    if overrides:
+        data = _deep_merge(data, overrides)
+    try:
+        return NodeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from exc
+
+
+def check_runtime(config: NodeConfig) -> None:
+    """Checks that need the file system: the spool must be creatable and writable."""
+    spool = config.spool.path
+    try:
+        spool.mkdir(parents=True, exist_ok=True)
+        probe = spool / ".write-probe"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"spool.path: {spool} is not writable: {exc.strerror}") from exc
+    free_mb = shutil.disk_usage(spool).free // (1024 * 1024)
+    if free_mb < config.spool.min_free_mb:
+        # Not fatal: the node starts and refuses associations until space is freed.
+        LOGGER.warning(
+            "spool %s has %d MB free, below spool.min_free_mb=%d: associations will be refused",
+            spool, free_mb, config.spool.min_free_mb,
+        )

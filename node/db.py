@@ -1,0 +1,153 @@
+"""The node's durable state: one SQLite file in the spool folder.
+
+Every instance, series, job and outbound result is in exactly one state
+(the state machines are in :mod:`node.spool`, :mod:`node.jobs` and
+:mod:`node.sender`). WAL journal with ``synchronous=FULL``: a commit is on disk
+before the C-STORE response leaves. Each thread or process opens its own
+:class:`StateDB`; a lock serialises the threads that share one.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+LOGGER = logging.getLogger(__name__)
+
+DB_NAME = "state.db"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+
+CREATE TABLE IF NOT EXISTS instances (
+    sop_uid TEXT PRIMARY KEY,
+    sop_class_uid TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    calling_ae TEXT NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_series ON instances (series_uid);
+
+-- receiving -> queued -> processing -> done | failed; a late instance sends a
+-- finished series back to receiving (re-run).
+CREATE TABLE IF NOT EXISTS series (
+    series_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    calling_ae TEXT NOT NULL,
+    series_dir TEXT NOT NULL,
+    state TEXT NOT NULL,
+    instance_count INTEGER NOT NULL DEFAULT 0,
+    first_received_at REAL NOT NULL,
+    last_received_at REAL NOT NULL,
+    job_id INTEGER,
+    runs INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    purged_at REAL
+);
+CREATE INDEX IF NOT EXISTS series_state ON series (state);
+
+-- ready -> processing -> done | failed
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    series_uid TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    calling_ae TEXT NOT NULL,
+    series_dir TEXT NOT NULL,
+    state TEXT NOT NULL,
+    priority INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    instance_count INTEGER NOT NULL,
+    last_received_at REAL NOT NULL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    worker_pid INTEGER,
+    error TEXT,
+    findings TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, priority, created_at);
+
+-- queued -> sending -> sent | (queued again with backoff) | dead
+CREATE TABLE IF NOT EXISTS outbound (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id INTEGER NOT NULL,
+    study_uid TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    files TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    created_at REAL NOT NULL,
+    sent_at REAL,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS outbound_state ON outbound (state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS outbound_study ON outbound (study_uid);
+"""
+
+
+def db_path(spool_dir: Path) -> Path:
+    """Where the state database of *spool_dir* lives."""
+    return Path(spool_dir) / DB_NAME
+
+
+class StateDB:
+    """A connection to the state database, safe to share between threads."""
+
+    def __init__(self, spool_dir: Path, create: bool = True) -> None:
+        path = db_path(spool_dir)
+        if not create and not path.exists():
+            raise FileNotFoundError(f"no node state at {path} (has the node run with this spool?)")
+        self.path = path
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(str(path), timeout=30.0, isolation_level=None,
+                                     check_same_thread=False)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA busy_timeout=30000")
+        if create:
+            self._conn.executescript(_SCHEMA)
+            self._conn.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Cursor]:
+        """An immediate (write-locked) transaction; commits on success, rolls back on error."""
+        with self._lock:
+            cur = self._conn.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                yield cur
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            cur.execute("COMMIT")
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        """Run a read-only query and return all rows."""
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            self._conn.close()
+
+
+def now() -> float:
+    """Wall-clock time in seconds (state timestamps survive restarts)."""
+    return time.time()

@@ -1,0 +1,275 @@
+"""The durable outbound queue and the C-STORE sender.
+
+One outbound row is the results of one job for one destination, so retries and
+the retry cap count per study, not per file. States:
+``queued -> sending -> sent``; a failed attempt goes back to ``queued`` with an
+exponential backoff, and to ``dead`` after ``outbound.max_attempts``.
+``ich-node resend STUDY_UID`` puts a study's rows back to ``queued``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
+
+from node.config import Destination, NodeConfig
+from node.db import StateDB, now
+from node.metrics import NodeMetrics
+
+LOGGER = logging.getLogger(__name__)
+
+OUTBOUND_STATES = ("queued", "sending", "sent", "dead")
+
+
+class SendError(Exception):
+    """A destination did not take our results; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class OutboundItem:
+    """The results of one job for one destination."""
+
+    id: int
+    job_id: int
+    study_uid: str
+    destination: str
+    files: list[str]
+    attempts: int
+
+
+class OutboundQueue(Protocol):
+    """The outbound queue interface (embedded default: :class:`SqliteOutboundQueue`)."""
+
+    def claim_due(self, limit: int = 8) -> list[OutboundItem]:
+        """Take the items whose retry time has come."""
+        ...
+
+    def mark_sent(self, item_id: int) -> None:
+        """The destination took every file."""
+        ...
+
+    def mark_failed(self, item_id: int, error: str) -> str:
+        """Record a failed attempt; returns the new state (queued or dead)."""
+        ...
+
+
+def set_nodelay(event: evt.Event) -> None:
+    """EVT_CONN_OPEN handler: turn Nagle off (small PDUs otherwise stall at ~20/s)."""
+    sock = event.assoc.dul.socket
+    if sock is not None and sock.socket is not None:
+        sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class SqliteOutboundQueue:
+    """Outbound rows in the node's state database."""
+
+    def __init__(self, db: StateDB, max_attempts: int, backoff_initial_s: float,
+                 backoff_max_s: float) -> None:
+        self.db = db
+        self.max_attempts = max_attempts
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+
+    def claim_due(self, limit: int = 8) -> list[OutboundItem]:
+        """Take the items whose retry time has come (state becomes ``sending``)."""
+        with self.db.transaction() as cur:
+            rows = cur.execute("SELECT * FROM outbound WHERE state = 'queued' AND next_attempt_at"
+                               " <= ? ORDER BY next_attempt_at, id LIMIT ?", (now(), limit)
+                               ).fetchall()
+            for row in rows:
+                cur.execute("UPDATE outbound SET state = 'sending' WHERE id = ?", (row["id"],))
+        return [OutboundItem(r["id"], r["job_id"], r["study_uid"], r["destination"],
+                             json.loads(r["files"]), r["attempts"]) for r in rows]
+
+    def mark_sent(self, item_id: int) -> None:
+        """The destination took every file."""
+        with self.db.transaction() as cur:
+            cur.execute("UPDATE outbound SET state = 'sent', sent_at = ?, attempts = attempts + 1,"
+                        " last_error = NULL WHERE id = ?", (now(), item_id))
+
+    def mark_failed(self, item_id: int, error: str) -> str:
+        """Record a failed attempt; back off exponentially, dead after the cap."""
+        with self.db.transaction() as cur:
+            row = cur.execute("SELECT attempts FROM outbound WHERE id = ?", (item_id,)).fetchone()
+            attempts = row["attempts"] + 1
+            if attempts >= self.max_attempts:
+                state, next_at = "dead", now()
+            else:
+                delay = min(self.backoff_max_s, self.backoff_initial_s * 2 ** (attempts - 1))
+                state, next_at = "queued", now() + delay
+            cur.execute("UPDATE outbound SET state = ?, attempts = ?, next_attempt_at = ?,"
+                        " last_error = ? WHERE id = ?", (state, attempts, next_at, error, item_id))
+        return state
+
+    def requeue_interrupted(self) -> int:
+        """Start-up: rows left ``sending`` by a crash are sent again."""
+        with self.db.transaction() as cur:
+            cur.execute("UPDATE outbound SET state = 'queued' WHERE state = 'sending'")
+            return cur.rowcount
+
+    def resend_study(self, study_uid: str) -> int:
+        """Queue every result of *study_uid* again with a fresh retry budget."""
+        with self.db.transaction() as cur:
+            cur.execute("UPDATE outbound SET state = 'queued', attempts = 0, next_attempt_at = ?,"
+                        " last_error = NULL WHERE study_uid = ? AND state != 'sending'",
+                        (now(), study_uid))
+            return cur.rowcount
+
+    def counts(self) -> dict[str, int]:
+        """Outbound rows per state."""
+        rows = self.db.query("SELECT state, COUNT(*) AS n FROM outbound GROUP BY state")
+        counts = {state: 0 for state in OUTBOUND_STATES}
+        counts.update({r["state"]: r["n"] for r in rows})
+        return counts
+
+
+def _contexts_for(files: list[str]) -> list[tuple[str, list[str]]]:
+    """Presentation contexts: each file's SOP class with its own syntax plus the
+    uncompressed ones, so any SCP can accept."""
+    wanted: dict[str, list[str]] = {}
+    for path in files:
+        meta = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"]).file_meta
+        syntaxes = wanted.setdefault(str(meta.MediaStorageSOPClassUID), [])
+        for ts in (str(meta.TransferSyntaxUID), ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+            if ts not in syntaxes:
+                syntaxes.append(ts)
+    return list(wanted.items())
+
+
+def _make_ae(config: NodeConfig) -> AE:
+    ae = AE(ae_title=config.outbound.calling_ae_title or config.dicom.ae_title)
+    ae.acse_timeout = config.dicom.acse_timeout_s
+    ae.dimse_timeout = config.dicom.dimse_timeout_s
+    ae.network_timeout = config.dicom.network_timeout_s
+    ae.maximum_pdu_size = config.dicom.max_pdu_bytes
+    return ae
+
+
+def send_files(config: NodeConfig, dest: Destination, files: list[str]) -> None:
+    """C-STORE every file to *dest* in one association; raise SendError on any failure."""
+    ae = _make_ae(config)
+    for sop_class, syntaxes in _contexts_for(files):
+        ae.add_requested_context(sop_class, syntaxes)
+    handlers = [(evt.EVT_CONN_OPEN, set_nodelay)] if config.dicom.tcp_nodelay else []
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=handlers)
+    if not assoc.is_established:
+        raise SendError(f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): association "
+                        f"{'rejected' if assoc.is_rejected else 'failed'}")
+    try:
+        for path in files:
+            status = assoc.send_c_store(Path(path))
+            code = getattr(status, "Status", None)
+            if code is None:
+                raise SendError(f"{dest.name}: no response to C-STORE of {Path(path).name} "
+                                "(timeout or aborted)")
+            if code != 0x0000 and not 0xB000 <= code <= 0xBFFF:
+                raise SendError(f"{dest.name}: C-STORE of {Path(path).name} failed with status "
+                                f"0x{code:04X}")
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def echo(config: NodeConfig, dest: Destination) -> int:
+    """C-ECHO *dest*; returns the status (raises SendError if no association)."""
+    ae = _make_ae(config)
+    ae.add_requested_context(Verification)
+    handlers = [(evt.EVT_CONN_OPEN, set_nodelay)] if config.dicom.tcp_nodelay else []
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=handlers)
+    if not assoc.is_established:
+        raise SendError(f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): association "
+                        f"{'rejected' if assoc.is_rejected else 'failed'}")
+    try:
+        status = assoc.send_c_echo()
+        code = getattr(status, "Status", None)
+        if code is None:
+            raise SendError(f"{dest.name}: no response to C-ECHO")
+        return int(code)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+class Sender:
+    """A thread that sends due outbound items, one destination association at a time."""
+
+    def __init__(self, config: NodeConfig, queue: SqliteOutboundQueue,
+                 metrics: NodeMetrics, poll_interval_s: float = 0.5) -> None:
+        self.config = config
+        self.queue = queue
+        self.metrics = metrics
+        self.poll_interval_s = poll_interval_s
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the sending thread."""
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="ich-node-sender", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Look for due items now."""
+        self._wake.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop after the current item."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            items = self.queue.claim_due()
+            for item in items:
+                self.send_one(item)
+            if not items:
+                self._wake.wait(self.poll_interval_s)
+                self._wake.clear()
+
+    def send_one(self, item: OutboundItem) -> None:
+        """Send one item and record the outcome (never raises for a send failure)."""
+        started = time.monotonic()
+        try:
+            dest = self.config.destination(item.destination)
+            missing = [f for f in item.files if not Path(f).exists()]
+            if missing:
+                raise SendError(f"{len(missing)} result files are gone from the spool "
+                                f"(retention?): {Path(missing[0]).name}")
+            send_files(self.config, dest, item.files)
+        except (SendError, KeyError) as exc:
+            error = str(exc)
+        except Exception as exc:  # the item boundary: any failure is a failed attempt
+            error = f"{type(exc).__name__}: {exc}"
+            LOGGER.exception("unexpected error sending job %d to %s", item.job_id,
+                             item.destination)
+        else:
+            error = ""
+        if error:
+            state = self.queue.mark_failed(item.id, error)
+            self.metrics.outbound_failures.labels(destination=item.destination).inc()
+            log = LOGGER.error if state == "dead" else LOGGER.warning
+            log("sending results of study %s (job %d) to %s failed (attempt %d, now %s): %s",
+                item.study_uid, item.job_id, item.destination, item.attempts + 1, state, error)
+            return
+        self.queue.mark_sent(item.id)
+        self.metrics.results_sent.labels(destination=item.destination).inc(len(item.files))
+        LOGGER.info("sent %d results of study %s (job %d) to %s in %.2f s", len(item.files),
+                    item.study_uid, item.job_id, item.destination, time.monotonic() - started)
+
+    def info(self) -> dict[str, Any]:
+        """Queue depths for status output."""
+        return self.queue.counts()

@@ -1,0 +1,242 @@
+"""The durable instance spool: bytes on disk before Success (PS3.4 B.2.3).
+
+Layout under ``spool.path``::
+
+    state.db                         the state database (node.db)
+    tmp/                             partial writes; anything here was never acknowledged
+    instances/<study>/<series>/<sop>.dcm
+    results/<job id>/                DICOM results of a job, waiting to be sent
+    jobs/<job id>.json               the job report (findings, or the reason it failed)
+
+A store is: write to ``tmp/``, fsync the file, rename it into place, fsync the
+folder, record the arrival in the state database (committed with
+``synchronous=FULL``), and only then report success. File names come from UIDs
+only after :func:`safe_name` has checked them.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import logging
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from node.db import StateDB, now
+
+LOGGER = logging.getLogger(__name__)
+
+_UID_LIKE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def safe_name(uid: str) -> str:
+    """A file-system name for *uid*: the UID itself when it is digits and dots (<= 64
+    characters, PS3.5 9.1), otherwise ``x`` + a hash, so that no received value can
+    name a path outside the spool."""
+    if len(uid) <= 64 and _UID_LIKE.match(uid):
+        return uid
+    return "x" + hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a folder, so that a rename or a new entry in it is durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, data: bytes, tmp_dir: Path, fsync: bool = True) -> None:
+    """Write *data* to *path* atomically: temp file, fsync, rename, fsync the folder."""
+    tmp = tmp_dir / f"{uuid.uuid4().hex}.part"
+    created = _makedirs(path.parent)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            if fsync:
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if fsync:
+        for folder in [path.parent, *created]:
+            fsync_dir(folder)
+
+
+def _makedirs(folder: Path) -> list[Path]:
+    """Create *folder* and its parents; return the parents of new folders (to fsync)."""
+    missing: list[Path] = []
+    probe = folder
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    if missing:
+        folder.mkdir(parents=True, exist_ok=True)
+    return [m.parent for m in missing]
+
+
+class StoreOutcome(enum.Enum):
+    """What happened to a received instance."""
+
+    STORED = "stored"
+    DUPLICATE = "duplicate"  # same SOP Instance UID, same bytes: ignored
+    REPLACED = "replaced"  # same SOP Instance UID, different bytes: the newest wins
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """The identity of a received instance (no patient data)."""
+
+    sop_uid: str
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """The outcome of :meth:`Spool.store` and whether the series was already analysed."""
+
+    outcome: StoreOutcome
+    path: Path
+    late: bool
+
+
+class Spool(Protocol):
+    """Durable storage of received instances (the embedded default is :class:`DiskSpool`)."""
+
+    def store(self, header: InstanceHeader, data: bytes, calling_ae: str) -> StoreResult:
+        """Make *data* durable and record it; raise OSError when the disk fails."""
+        ...
+
+    def series_dir(self, study_uid: str, series_uid: str) -> Path:
+        """The folder that holds the instances of a series."""
+        ...
+
+
+class DiskSpool:
+    """Instances as files under ``instances/``, their arrival in the state database."""
+
+    def __init__(self, root: Path, db: StateDB, fsync: bool = True,
+                 rerun_on_late: bool = True) -> None:
+        self.root = Path(root)
+        self.db = db
+        self.fsync = fsync
+        self.rerun_on_late = rerun_on_late
+        self.tmp_dir = self.root / "tmp"
+        self.instances_dir = self.root / "instances"
+        self.results_dir = self.root / "results"
+        self.jobs_dir = self.root / "jobs"
+        for folder in (self.tmp_dir, self.instances_dir, self.results_dir, self.jobs_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def series_dir(self, study_uid: str, series_uid: str) -> Path:
+        """The folder that holds the instances of a series."""
+        return self.instances_dir / safe_name(study_uid) / safe_name(series_uid)
+
+    def store(self, header: InstanceHeader, data: bytes, calling_ae: str) -> StoreResult:
+        """Write, fsync, rename, fsync the folder, record. Raises OSError on disk failure."""
+        series_dir = self.series_dir(header.study_uid, header.series_uid)
+        path = series_dir / f"{safe_name(header.sop_uid)}.dcm"
+        digest = hashlib.sha256(data).hexdigest()
+        previous = self.db.query(
+            "SELECT sha256, series_uid FROM instances WHERE sop_uid = ?", (header.sop_uid,)
+        )
+        if previous and previous[0]["sha256"] == digest and path.exists():
+            LOGGER.info("duplicate instance ignored (same bytes): sop=%s series=%s from %s",
+                        header.sop_uid, header.series_uid, calling_ae)
+            return StoreResult(StoreOutcome.DUPLICATE, path, late=False)
+        write_durably(path, data, self.tmp_dir, self.fsync)
+        outcome = StoreOutcome.REPLACED if previous else StoreOutcome.STORED
+        if outcome is StoreOutcome.REPLACED:
+            LOGGER.warning("instance replaced by newer bytes with the same SOP Instance UID: "
+                           "sop=%s series=%s from %s", header.sop_uid, header.series_uid,
+                           calling_ae)
+        late = self.record(header, path, digest, len(data), calling_ae)
+        return StoreResult(outcome, path, late)
+
+    def record(self, header: InstanceHeader, path: Path, digest: str, size: int,
+               calling_ae: str, received_at: float | None = None) -> bool:
+        """Record an arrival and move its series to ``receiving``.
+
+        Returns True when the series had already been queued or analysed (a late
+        instance): with ``rerun_on_late`` the series goes back to ``receiving`` so
+        that it is analysed again once it is quiet.
+        """
+        t = now() if received_at is None else received_at
+        series_dir = str(path.parent)
+        with self.db.transaction() as cur:
+            cur.execute(
+                "INSERT OR REPLACE INTO instances (sop_uid, sop_class_uid, study_uid, series_uid,"
+                " path, sha256, size, calling_ae, received_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                (header.sop_uid, header.sop_class_uid, header.study_uid, header.series_uid,
+                 str(path), digest, size, calling_ae, t),
+            )
+            row = cur.execute("SELECT state FROM series WHERE series_uid = ?",
+                              (header.series_uid,)).fetchone()
+            count = cur.execute("SELECT COUNT(*) FROM instances WHERE series_uid = ?",
+                                (header.series_uid,)).fetchone()[0]
+            if row is None:
+                cur.execute(
+                    "INSERT INTO series (series_uid, study_uid, calling_ae, series_dir, state,"
+                    " instance_count, first_received_at, last_received_at)"
+                    " VALUES (?,?,?,?, 'receiving', ?, ?, ?)",
+                    (header.series_uid, header.study_uid, calling_ae, series_dir, count, t, t),
+                )
+                return False
+            state = row["state"]
+            late = state not in ("receiving", "queued")
+            new_state = "receiving" if (late and self.rerun_on_late) else state
+            cur.execute(
+                "UPDATE series SET instance_count = ?, last_received_at = ?, state = ?,"
+                " calling_ae = ?, purged_at = NULL WHERE series_uid = ?",
+                (count, t, new_state, calling_ae, header.series_uid),
+            )
+        if late:
+            if self.rerun_on_late:
+                LOGGER.warning("late instance for series %s (was %s): series will be analysed "
+                               "again", header.series_uid, state)
+            else:
+                LOGGER.warning("late instance for series %s (was %s) stored but not analysed "
+                               "(assembly.rerun_on_late_instances is false)",
+                               header.series_uid, state)
+        return late
+
+    def recover(self) -> int:
+        """Start-up: delete unacknowledged partial writes; record spooled files the
+        database does not know (a crash between rename and commit). Returns how many
+        files were recovered."""
+        for part in self.tmp_dir.iterdir():
+            LOGGER.info("removing partial write %s (never acknowledged)", part.name)
+            part.unlink()
+        known = {r["path"] for r in self.db.query("SELECT path FROM instances")}
+        recovered = 0
+        for path in sorted(self.instances_dir.glob("*/*/*.dcm")):
+            if str(path) in known:
+                continue
+            header = read_header(path)
+            data = path.read_bytes()
+            self.record(header, path, hashlib.sha256(data).hexdigest(), len(data),
+                        calling_ae="(recovered)", received_at=path.stat().st_mtime)
+            recovered += 1
+            LOGGER.warning("recovered spooled instance not in the state database: sop=%s",
+                           header.sop_uid)
+        return recovered
+
+
+def read_header(path: Path) -> InstanceHeader:
+    """The identity of a spooled file (header only, no pixel data)."""
+    from pydicom import dcmread
+
+    ds = dcmread(path, stop_before_pixels=True,
+                 specific_tags=["SOPInstanceUID", "SOPClassUID", "StudyInstanceUID",
+                                "SeriesInstanceUID"])
+    return InstanceHeader(str(ds.SOPInstanceUID), str(ds.SOPClassUID),
+                          str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))

@@ -1,0 +1,175 @@
+"""The analysis worker: a separate process fed by the durable job queue.
+
+It never runs on an association thread (STYLE: the association thread only
+spools). It keeps no state between jobs: everything it needs is in the job
+record and the spool, so several workers, here or on other hosts, can share one
+queue. The analyzer is named by an import path (``module:function``) so that the
+worker process can load it; ``ich-node run`` always uses the real pipeline.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import multiprocessing
+import multiprocessing.synchronize
+import os
+import signal
+import time
+import traceback
+from io import BytesIO
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydicom import Dataset
+
+from node.config import NodeConfig
+from node.db import StateDB
+from node.jobs import Job, SqliteJobQueue
+from node.logs import setup_logging
+from node.spool import safe_name, write_durably
+
+LOGGER = logging.getLogger(__name__)
+
+REAL_ANALYZER = "pipeline.analyze:analyze"
+
+Analyzer = Callable[[Path, Any], Any]
+
+
+def load_analyzer(path: str) -> Analyzer:
+    """Import ``module:function``."""
+    module_name, _, attr = path.partition(":")
+    if not attr:
+        raise ValueError(f"analyzer {path!r} must be 'module:function'")
+    func = getattr(importlib.import_module(module_name), attr)
+    if not callable(func):
+        raise TypeError(f"analyzer {path!r} is not callable")
+    return func  # type: ignore[no-any-return]
+
+
+def job_report_path(spool_dir: Path, job_id: int) -> Path:
+    """Where the report of *job_id* is written."""
+    return Path(spool_dir) / "jobs" / f"{job_id}.json"
+
+
+def write_results(spool_dir: Path, job_id: int, datasets: list[Dataset], fsync: bool) -> list[str]:
+    """Write each result durably under ``results/<job id>/``; return the paths."""
+    out_dir = Path(spool_dir) / "results" / str(job_id)
+    tmp_dir = Path(spool_dir) / "tmp"
+    paths: list[str] = []
+    for index, ds in enumerate(datasets):
+        buffer = BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        path = out_dir / f"{index:03d}_{safe_name(str(ds.SOPInstanceUID))}.dcm"
+        write_durably(path, buffer.getvalue(), tmp_dir, fsync)
+        paths.append(str(path))
+    return paths
+
+
+def run_job(job: Job, analyzer: Analyzer, config: NodeConfig, queue: SqliteJobQueue) -> bool:
+    """Analyse one job, write its results and report, queue the results. True if done."""
+    started = time.monotonic()
+    spool_dir = config.spool.path
+    report: dict[str, Any] = {"job": job.to_dict(), "worker_pid": os.getpid()}
+    LOGGER.info("job %d: analysing series %s (%d instances, attempt %d)",
+                job.id, job.series_uid, job.instance_count, job.attempts)
+    try:
+        results = analyzer(Path(job.series_dir), config.pipeline)
+        files = write_results(spool_dir, job.id, list(results.datasets), config.spool.fsync)
+        findings = dict(results.findings)
+    except Exception as exc:  # the job boundary: every failure becomes a failed job
+        reason = f"{type(exc).__name__}: {exc}"
+        report.update(state="failed", error=reason, traceback=traceback.format_exc(),
+                      seconds=round(time.monotonic() - started, 3))
+        _write_report(spool_dir, job.id, report, config.spool.fsync)
+        queue.fail(job.id, reason)
+        LOGGER.error("job %d failed for series %s: %s", job.id, job.series_uid, reason)
+        return False
+    seconds = time.monotonic() - started
+    report.update(state="done", findings=findings, files=files, seconds=round(seconds, 3))
+    _write_report(spool_dir, job.id, report, config.spool.fsync)
+    outbound = [(dest.name, files) for dest in config.destinations] if files else []
+    queue.finish(job.id, findings, outbound)
+    LOGGER.info("job %d done in %.2f s: series %s, %d result objects for %d destinations",
+                job.id, seconds, job.series_uid, len(files), len(outbound))
+    return True
+
+
+def _write_report(spool_dir: Path, job_id: int, report: dict[str, Any], fsync: bool) -> None:
+    data = json.dumps(report, indent=2, default=str).encode("utf-8")
+    write_durably(job_report_path(spool_dir, job_id), data, Path(spool_dir) / "tmp", fsync)
+
+
+def worker_main(config_json: str, analyzer_path: str,
+                stop: multiprocessing.synchronize.Event) -> None:
+    """Entry point of the worker process: claim and run jobs until *stop* is set."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    config = NodeConfig.model_validate_json(config_json)
+    setup_logging(config.logging)
+    analyzer = load_analyzer(analyzer_path)
+    db = StateDB(config.spool.path)
+    queue = SqliteJobQueue(db, config.worker.max_job_attempts)
+    LOGGER.info("worker %d started with analyzer %s", os.getpid(), analyzer_path)
+    try:
+        while not stop.is_set():
+            job = queue.claim(os.getpid())
+            if job is None:
+                stop.wait(config.worker.poll_interval_s)
+                continue
+            run_job(job, analyzer, config, queue)
+    finally:
+        db.close()
+        LOGGER.info("worker %d stopped", os.getpid())
+
+
+class WorkerProcess:
+    """Starts and stops the worker process (spawned, never forked from threads)."""
+
+    def __init__(self, config: NodeConfig, analyzer_path: str, queue: SqliteJobQueue) -> None:
+        self.config = config
+        self.analyzer_path = analyzer_path
+        self.queue = queue
+        self._ctx = multiprocessing.get_context("spawn")
+        self._stop = self._ctx.Event()
+        self._process: multiprocessing.process.BaseProcess | None = None
+
+    def start(self) -> None:
+        """Spawn the worker."""
+        self._stop.clear()
+        self._process = self._ctx.Process(
+            target=worker_main, name="ich-node-worker",
+            args=(self.config.model_dump_json(), self.analyzer_path, self._stop), daemon=True,
+        )
+        self._process.start()
+
+    def is_alive(self) -> bool:
+        """Whether the worker process runs."""
+        return self._process is not None and self._process.is_alive()
+
+    def ensure_running(self) -> None:
+        """Restart a worker that died (its job is re-queued by attempt count)."""
+        if self._process is not None and not self._process.is_alive() and not self._stop.is_set():
+            LOGGER.error("worker process exited with code %s; restarting it",
+                         self._process.exitcode)
+            self.queue.requeue_interrupted()
+            self.start()
+
+    def stop(self) -> None:
+        """Let the current job finish within ``worker.shutdown_grace_s``, else kill the
+        worker and put its job back to ready."""
+        if self._process is None:
+            return
+        self._stop.set()
+        self._process.join(self.config.worker.shutdown_grace_s)
+        if self._process.is_alive():
+            LOGGER.warning("worker still busy after %.0f s: terminating it, its job is re-queued",
+                           self.config.worker.shutdown_grace_s)
+            self._process.kill()
+            self._process.join(10)
+            for row in self.queue.db.query("SELECT id FROM jobs WHERE state = 'processing'"
+                                           " AND worker_pid = ?", (self._process.pid,)):
+                self.queue.requeue_job(row["id"])
+        self._process = None
