@@ -14,10 +14,12 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from pydicom import Dataset
 from pydicom.uid import UID
 from pynetdicom import evt
+from pynetdicom.dimse_primitives import C_STORE
 
 from node.assembler import SeriesAssembler
 from node.config import DicomConfig
@@ -98,7 +100,8 @@ def handle_requested(event: evt.Event, policy: AssociationPolicy, metrics: NodeM
     """EVT_REQUESTED: reject associations the policy does not allow (pynetdicom lets
     this handler send the A-ASSOCIATE-RJ itself)."""
     assoc = event.assoc
-    calling_ae = str(assoc.requestor.primitive.calling_ae_title).strip()
+    primitive = assoc.requestor.primitive
+    calling_ae = str(primitive.calling_ae_title if primitive else "").strip()
     address = str(assoc.requestor.address)
     active = sum(1 for a in assoc.ae.active_associations if a.is_acceptor)
     verdict = policy.check(calling_ae, address, active)
@@ -114,7 +117,7 @@ def handle_accepted(event: evt.Event, metrics: NodeMetrics) -> None:
     """EVT_ACCEPTED: count it and log contexts we refused (SOP classes we do not take)."""
     assoc = event.assoc
     metrics.associations.labels(outcome="accepted").inc()
-    refused = sorted({UID(cx.abstract_syntax).name for cx in assoc.rejected_contexts})
+    refused = sorted({UID(str(cx.abstract_syntax)).name for cx in assoc.rejected_contexts})
     if refused:
         LOGGER.info("association from %s at %s: %d of %d presentation contexts refused "
                     "(SOP classes we do not store; dicom.other_sop_classes=refuse)",
@@ -128,7 +131,7 @@ def handle_echo(event: evt.Event) -> int:
     return SUCCESS
 
 
-def _header(ds: Dataset, request: Dataset) -> InstanceHeader:
+def _header(ds: Dataset, request: C_STORE) -> InstanceHeader:
     missing = [k for k in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID",
                            "SeriesInstanceUID") if not str(ds.get(k, "") or "").strip()]
     if missing:
@@ -173,8 +176,9 @@ def handle_store(event: evt.Event, spool: Spool, assembler: SeriesAssembler,
     """EVT_C_STORE: spool the instance, return a Storage Service status (PS3.4 B.2.3)."""
     started = time.perf_counter()
     assoc = event.assoc
+    request = cast(C_STORE, event.request)
     calling_ae = str(assoc.requestor.ae_title).strip()
-    sop_class = str(event.request.AffectedSOPClassUID)
+    sop_class = str(request.AffectedSOPClassUID)
     if sop_class not in accepted_sop_classes:
         metrics.instances_received.labels(outcome="ignored").inc()
         LOGGER.info("ignored instance of %s from %s (dicom.other_sop_classes is "
@@ -183,7 +187,7 @@ def handle_store(event: evt.Event, spool: Spool, assembler: SeriesAssembler,
     try:
         try:
             ds = event.dataset
-            header = _header(ds, event.request)
+            header = _header(ds, request)
             _check_pixel_data(ds, str(event.context.transfer_syntax))
         except StoreRejected:
             raise
@@ -194,7 +198,7 @@ def handle_store(event: evt.Event, spool: Spool, assembler: SeriesAssembler,
     except StoreRejected as exc:
         metrics.store_failures.labels(reason=exc.metric).inc()
         LOGGER.warning("C-STORE from %s refused with 0x%04X: %s (command SOP instance %s)",
-                       calling_ae, exc.status, exc, event.request.AffectedSOPInstanceUID)
+                       calling_ae, exc.status, exc, request.AffectedSOPInstanceUID)
         return exc.status
     try:
         result = spool.store(header, event.encoded_dataset(), calling_ae)

@@ -15,7 +15,11 @@ from typing import Any
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID, AllTransferSyntaxes
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import CTImageStorage, EnhancedCTImageStorage, Verification
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    Verification,
+)
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node import handlers
@@ -58,7 +62,7 @@ def build_ae(config: NodeConfig) -> AE:
         ae.add_supported_context(sop_class, syntaxes)
     if config.dicom.other_sop_classes == "accept_and_ignore":
         for cx in AllStoragePresentationContexts:
-            if cx.abstract_syntax not in CT_SOP_CLASSES:
+            if cx.abstract_syntax is not None and cx.abstract_syntax not in CT_SOP_CLASSES:
                 ae.add_supported_context(cx.abstract_syntax, syntaxes)
     return ae
 
@@ -82,6 +86,7 @@ def start_server(config: NodeConfig, spool: Spool, assembler: SeriesAssembler,
         bindings.append((evt.EVT_CONN_OPEN, set_nodelay))
     server = ae.start_server((config.dicom.host, config.dicom.port), block=False,
                              evt_handlers=bindings)
+    assert server is not None and server.socket is not None  # block=False returns the server
     if config.dicom.tcp_nodelay:
         server.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return ae, server

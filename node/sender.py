@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.config import Destination, NodeConfig
 from node.db import StateDB, now
@@ -161,7 +161,7 @@ def send_files(config: NodeConfig, dest: Destination, files: list[str]) -> None:
     ae = _make_ae(config)
     for sop_class, syntaxes in _contexts_for(files):
         ae.add_requested_context(sop_class, syntaxes)
-    handlers = [(evt.EVT_CONN_OPEN, set_nodelay)] if config.dicom.tcp_nodelay else []
+    handlers: list[Any] = [(evt.EVT_CONN_OPEN, set_nodelay)] if config.dicom.tcp_nodelay else []
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=handlers)
     if not assoc.is_established:
         raise SendError(f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): association "
@@ -185,7 +185,7 @@ def echo(config: NodeConfig, dest: Destination) -> int:
     """C-ECHO *dest*; returns the status (raises SendError if no association)."""
     ae = _make_ae(config)
     ae.add_requested_context(Verification)
-    handlers = [(evt.EVT_CONN_OPEN, set_nodelay)] if config.dicom.tcp_nodelay else []
+    handlers: list[Any] = [(evt.EVT_CONN_OPEN, set_nodelay)] if config.dicom.tcp_nodelay else []
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=handlers)
     if not assoc.is_established:
         raise SendError(f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): association "

@@ -16,7 +16,7 @@ from node.sender import OUTBOUND_STATES
 
 
 def _iso(t: float | None) -> str | None:
-    return None if t is None else dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(
+    return None if t is None else dt.datetime.fromtimestamp(t, dt.UTC).isoformat(
         timespec="seconds")
 
 

@@ -18,8 +18,8 @@ import os
 import signal
 import time
 import traceback
-from io import BytesIO
 from collections.abc import Callable
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ def load_analyzer(path: str) -> Analyzer:
     func = getattr(importlib.import_module(module_name), attr)
     if not callable(func):
         raise TypeError(f"analyzer {path!r} is not callable")
-    return func  # type: ignore[no-any-return]
+    return func
 
 
 def job_report_path(spool_dir: Path, job_id: int) -> Path:
