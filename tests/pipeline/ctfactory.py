@@ -9,7 +9,6 @@ Geometry follows DICOM PS3.3 C.7.6.2 (Image Plane): pixel (r, c) of a slice lies
 
 from __future__ import annotations
 
-import datetime
 import io
 import itertools
 import shutil
@@ -197,11 +196,9 @@ def _set_pixels(ds: Dataset, spec: SeriesSpec, stored: np.ndarray) -> None:
         _jpeg_baseline(ds, stored)
         return
     if ts == dcm_uid.JPEGLosslessSV1:
-        from tests.pipeline.ljpeg import encode_lossless_sv1
-
         frames = stored if stored.ndim == 3 else stored[None]
         bits = ds.BitsStored
-        unsigned = frames.astype(np.int32) & ((1 << bits) - 1) if ds.PixelRepresentation else frames
+        unsigned = frames.astype(np.int64) & ((1 << bits) - 1)
         ds.PixelData = encapsulate(
             [encode_lossless_sv1(np.asarray(f, dtype=np.int64), bits) for f in unsigned]
         )
@@ -384,6 +381,49 @@ def write_dose_capture(out_dir: Path, spec: SeriesSpec) -> Path:
     return write_series(out_dir, s)[0]
 
 
+def encode_lossless_sv1(img: np.ndarray, precision: int) -> bytes:
+    """A minimal JPEG lossless encoder (ITU T.81 Process 14, predictor 1, one component).
+
+    pydicom has no encoder for this syntax; this one uses a flat Huffman table (every
+    category 0-16 gets a 5-bit code), which any conforming decoder accepts.
+    """
+    rows, cols = img.shape
+    mod = 1 << 16
+    pred = np.empty_like(img)
+    pred[0, 0] = 1 << (precision - 1)
+    pred[0, 1:] = img[0, :-1]
+    pred[1:, 0] = img[:-1, 0]
+    pred[1:, 1:] = img[1:, :-1]
+    diff = (img - pred) % mod
+    diff = np.where(diff > mod // 2, diff - mod, diff)  # range -32767..32768
+    bits: list[str] = []
+    for d in diff.ravel().tolist():
+        ssss = 16 if d == 32768 else int(abs(d)).bit_length()
+        bits.append(format(ssss, "05b"))
+        if 0 < ssss < 16:
+            extra = d if d > 0 else d + (1 << ssss) - 1
+            bits.append(format(extra, f"0{ssss}b"))
+    stream = "".join(bits)
+    stream += "1" * (-len(stream) % 8)
+    data = bytearray()
+    for i in range(0, len(stream), 8):
+        byte = int(stream[i:i + 8], 2)
+        data.append(byte)
+        if byte == 0xFF:
+            data.append(0x00)
+
+    def segment(marker: int, payload: bytes) -> bytes:
+        return bytes([0xFF, marker]) + (len(payload) + 2).to_bytes(2, "big") + payload
+
+    sof = bytes([precision]) + rows.to_bytes(2, "big") + cols.to_bytes(2, "big") + bytes(
+        [1, 1, 0x11, 0])
+    counts = bytes([0, 0, 0, 0, 17] + [0] * 11)
+    dht = bytes([0x00]) + counts + bytes(range(17))
+    sos = bytes([1, 1, 0x00, 1, 0, 0])  # Ns=1, Cs=1 Td=0, Ss=1 (predictor), Se=0, Ah/Al=0
+    return (b"\xff\xd8" + segment(0xC3, sof) + segment(0xC4, dht) + segment(0xDA, sos)
+            + bytes(data) + b"\xff\xd9")
+
+
 def clean_dir(path: Path) -> Path:
     """An empty folder (tests reuse one tmp dir across hypothesis examples)."""
     if path.exists():
@@ -391,7 +431,3 @@ def clean_dir(path: Path) -> Path:
     path.mkdir(parents=True)
     return path
 
-
-def now_stamp() -> str:
-    """A DICOM TM value for the current time (used for 'newer' copies)."""
-    return datetime.datetime.now().strftime("%H%M%S")
