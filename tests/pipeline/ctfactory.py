@@ -63,6 +63,7 @@ class SeriesSpec:
     row_cosine: tuple[float, float, float] = (1.0, 0.0, 0.0)
     col_cosine: tuple[float, float, float] = (0.0, 1.0, 0.0)
     tilt_deg: float = 0.0  # gantry tilt: positions drift along the column cosine
+    z_mm: tuple[float, ...] | None = None  # distances along the normal (overrides n_slices)
     storage: Storage = "signed"
     bits_stored: int = 16
     monochrome1: bool = False
@@ -97,9 +98,12 @@ def slice_positions(spec: SeriesSpec) -> np.ndarray:
     """IPP of every slice, in acquisition order, shape (n, 3)."""
     n = normal_of(spec)
     c = np.asarray(spec.col_cosine, dtype=float)
-    k = np.arange(spec.n_slices, dtype=float)[:, None]
-    drift = np.tan(np.radians(spec.tilt_deg)) * spec.slice_spacing
-    return np.asarray(spec.origin, dtype=float) + k * spec.slice_spacing * n + k * drift * c
+    if spec.z_mm is not None:
+        z = np.asarray(spec.z_mm, dtype=float)[:, None]
+    else:
+        z = np.arange(spec.n_slices, dtype=float)[:, None] * spec.slice_spacing
+    drift = np.tan(np.radians(spec.tilt_deg))
+    return np.asarray(spec.origin, dtype=float) + z * n + z * drift * c
 
 
 def sample_plane(
@@ -121,6 +125,13 @@ def sample_plane(
 def expected_volume(spec: SeriesSpec) -> np.ndarray:
     """The HU volume (z, y, x) a correct reader returns for an untilted ``spec``."""
     return np.stack([sample_plane(spec, p) for p in slice_positions(spec)]).astype(np.float32)
+
+
+def expected_on_grid(spec: SeriesSpec, z_mm: Sequence[float]) -> np.ndarray:
+    """The HU field on an orthogonal grid: planes at ``origin + z * normal`` (no tilt)."""
+    n = normal_of(spec)
+    o = np.asarray(spec.origin, dtype=float)
+    return np.stack([sample_plane(spec, o + z * n) for z in z_mm]).astype(np.float32)
 
 
 def _intercept(spec: SeriesSpec) -> float:
@@ -288,7 +299,7 @@ def write_series(
 
 def copy_as_duplicate(src: Path, dst: Path, *, newer: bool) -> Path:
     """A second instance at the same position: a new SOP Instance UID, older or newer."""
-    from pydicom import dcmread
+    from pydicom import dcmread, dcmwrite
 
     ds = dcmread(src)
     ds.SOPInstanceUID = make_uid()
@@ -298,9 +309,11 @@ def copy_as_duplicate(src: Path, dst: Path, *, newer: bool) -> Path:
     if not newer:  # an older copy carries different pixels: it must not be the one kept
         arr = ds.pixel_array.copy()
         arr[...] = arr.flat[0]
-        ds.PixelData = arr.tobytes()
+        ds.PixelData = arr.astype(arr.dtype.newbyteorder("<")).tobytes()
+        ds["PixelData"].VR = "OW"
         ds.file_meta.TransferSyntaxUID = dcm_uid.ExplicitVRLittleEndian
-    ds.save_as(dst, enforce_file_format=True)
+    dcmwrite(dst, ds, implicit_vr=False, little_endian=True,
+             force_encoding=True)
     return dst
 
 
@@ -358,7 +371,7 @@ def write_enhanced_ct(out_dir: Path, spec: SeriesSpec) -> Path:
 def write_localizer(out_dir: Path, spec: SeriesSpec) -> Path:
     """A lateral scout (LOCALIZER) in its own series."""
     s = replace(spec, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"),
-                row_cosine=(0.0, 1.0, 0.0), col_cosine=(0.0, 0.0, -1.0), n_slices=1,
+                row_cosine=(0.0, 1.0, 0.0), col_cosine=(0.0, 0.0, -1.0), n_slices=1, z_mm=None,
                 series_description="Topogram 0.6 T20s", thickness=None)
     return write_series(out_dir, s)[0]
 
@@ -375,7 +388,7 @@ def write_dose_sr(out_dir: Path, spec: SeriesSpec) -> Path:
 
 def write_dose_capture(out_dir: Path, spec: SeriesSpec) -> Path:
     """A CT dose screen saved as a Secondary Capture image (modality CT)."""
-    s = replace(spec, sop_class=dcm_uid.SecondaryCaptureImageStorage, n_slices=1,
+    s = replace(spec, sop_class=dcm_uid.SecondaryCaptureImageStorage, n_slices=1, z_mm=None,
                 image_type=("DERIVED", "SECONDARY", "OTHER"), series_description="Dose Report",
                 kernel="")
     return write_series(out_dir, s)[0]
