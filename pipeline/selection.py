@@ -231,9 +231,6 @@ def select_series(instances_dir: Path, config: SelectionConfig) -> SelectionResu
         first = members[0].ds
         description = _text(first, "SeriesDescription")
 
-        def skip(reason: str, description: str = description, uid: str = series_uid) -> None:
-            skipped.append(SkippedSeries(uid, description, reason))
-
         rejected: dict[str, int] = defaultdict(int)
         usable: list[_Instance] = []
         for inst in members:
@@ -243,11 +240,18 @@ def select_series(instances_dir: Path, config: SelectionConfig) -> SelectionResu
             else:
                 rejected[why] += 1
         if not usable:
-            skip("; ".join(f"{why} ({n} instance{'s' if n > 1 else ''})"
-                           for why, n in rejected.items()))
+            why_all = "; ".join(f"{why} ({n} instance{'s' if n > 1 else ''})"
+                                for why, n in rejected.items())
+            skipped.append(SkippedSeries(series_uid, description, why_all))
             continue
         for why, n in rejected.items():
             partial_notes[series_uid].append(f"{n} instance(s) left out: {why}")
+        first = usable[0].ds
+        description = _text(first, "SeriesDescription")
+
+        def skip(reason: str, description: str = description, uid: str = series_uid) -> None:
+            skipped.append(SkippedSeries(uid, description, reason))
+
         if description and exclude_desc.search(description):
             skip(f"SeriesDescription '{description}' matches exclude_description_pattern")
             continue
