@@ -111,6 +111,7 @@ def handle_requested(event: evt.Event, policy: AssociationPolicy, metrics: NodeM
     LOGGER.warning("association from %s at %s rejected: %s", calling_ae, address, reason)
     metrics.associations.labels(outcome=label).inc()
     assoc.acse.send_reject(*triple)
+    assoc.kill()  # as pynetdicom's own rejections do: waits until the A-ASSOCIATE-RJ is sent
 
 
 def handle_accepted(event: evt.Event, metrics: NodeMetrics) -> None:

@@ -15,11 +15,11 @@ from tests.helpers.net import free_port
 TEST_ANALYZER = "tests.helpers.analyzers:summary"
 
 
-def node_config(spool: Path, **sections: Any) -> NodeConfig:
+def node_config(spool_dir: Path, **sections: Any) -> NodeConfig:
     """A config for tests: free ports, short quiet period, small disk watermark."""
     base: dict[str, Any] = {
         "dicom": {"port": 0, "host": "127.0.0.1"},
-        "spool": {"path": str(spool), "min_free_mb": 1},
+        "spool": {"path": str(spool_dir), "min_free_mb": 1},
         "http": {"port": 0},
         "assembly": {"quiet_seconds": 1.0, "release_grace_seconds": 0.3},
         "worker": {"poll_interval_s": 0.1, "shutdown_grace_s": 10},
@@ -38,8 +38,9 @@ def make_node(tmp_path: Path) -> Iterator[Callable[..., Node]]:
     """Start nodes (in this process, worker in its own) and stop them at teardown."""
     nodes: list[Node] = []
 
-    def _make(analyzer: str = TEST_ANALYZER, spool: Path | None = None, **sections: Any) -> Node:
-        cfg = node_config(spool or tmp_path / "spool", **sections)
+    def _make(analyzer: str = TEST_ANALYZER, spool_dir: Path | None = None,
+              **sections: Any) -> Node:
+        cfg = node_config(spool_dir or tmp_path / "spool", **sections)
         node = Node(cfg, analyzer=analyzer)
         node.start()
         nodes.append(node)
