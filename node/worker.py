@@ -9,6 +9,7 @@ worker process can load it; ``ich-node run`` always uses the real pipeline.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import json
 import logging
@@ -102,9 +103,24 @@ def _write_report(spool_dir: Path, job_id: int, report: dict[str, Any], fsync: b
     write_durably(job_report_path(spool_dir, job_id), data, Path(spool_dir) / "tmp", fsync)
 
 
+def _die_with_parent() -> None:
+    """Linux: ask the kernel to SIGKILL us when the node process dies (kill -9 included),
+    so that no orphaned worker runs beside the next node."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        LOGGER.warning("cannot load libc: the worker will notice a dead parent by polling only")
+        return
+    pr_set_pdeathsig = 1
+    if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
+        LOGGER.warning("prctl(PR_SET_PDEATHSIG) failed with errno %d", ctypes.get_errno())
+
+
 def worker_main(config_json: str, analyzer_path: str,
                 stop: multiprocessing.synchronize.Event) -> None:
     """Entry point of the worker process: claim and run jobs until *stop* is set."""
+    parent = os.getppid()
+    _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     config = NodeConfig.model_validate_json(config_json)
@@ -114,7 +130,7 @@ def worker_main(config_json: str, analyzer_path: str,
     queue = SqliteJobQueue(db, config.worker.max_job_attempts)
     LOGGER.info("worker %d started with analyzer %s", os.getpid(), analyzer_path)
     try:
-        while not stop.is_set():
+        while not stop.is_set() and os.getppid() == parent:
             job = queue.claim(os.getpid())
             if job is None:
                 stop.wait(config.worker.poll_interval_s)

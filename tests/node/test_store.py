@@ -17,8 +17,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     MRImageStorage,
 )
 
-from node.app import Node
 from node import handlers
+from node.app import Node
 from tests.helpers.ctseries import make_ct_slice, write_series
 from tests.helpers.net import pynetdicom_send, storescu, wait_until
 
@@ -324,7 +324,6 @@ def test_tcp_nodelay_is_set_on_inbound_sockets(make_node: Callable[..., Node]) -
         sock = event.assoc.dul.socket.socket
         seen.append(sock.getsockopt(socket_module.IPPROTO_TCP, socket_module.TCP_NODELAY))
 
-    node.ae.active_associations  # the AE exists
     server = node._server  # noqa: SLF001 - the test inspects the listener
     assert server is not None
     server.bind(evt.EVT_ESTABLISHED, check)

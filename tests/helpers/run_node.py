@@ -1,0 +1,22 @@
+"""Run a node with a test analyzer in its own process: ``python -m tests.helpers.run_node
+CONFIG ANALYZER`` (used by the kill -9 tests; ``ich-node run`` always uses the real one)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from node.app import Node
+from node.config import load_config
+from node.logs import setup_logging
+
+
+def main(argv: list[str]) -> int:
+    config = load_config(Path(argv[1]))
+    setup_logging(config.logging)
+    Node(config, analyzer=argv[2]).serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,82 @@
+"""Series assembly: quiet period per calling AE, early check on release, late instances."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from node.app import Node
+from tests.helpers.ctseries import write_series
+from tests.helpers.net import pynetdicom_send, wait_until
+
+
+def _jobs(node: Node) -> list[tuple[str, int]]:
+    return [(r["state"], r["instance_count"]) for r in
+            node.db.query("SELECT state, instance_count FROM jobs ORDER BY id")]
+
+
+def test_quiet_period_per_calling_ae_without_release_signal(
+        make_node: Callable[..., Node], tmp_path: Path) -> None:
+    node = make_node(assembly={"quiet_seconds": 0.5, "quiet_seconds_by_ae": {"SLOW_CT": 3.0},
+                               "release_grace_seconds": None})
+    fast = write_series(tmp_path / "fast", 3, rows=32, seed=41)
+    slow = write_series(tmp_path / "slow", 3, rows=32, seed=42)
+    pynetdicom_send(node.port, fast.files, calling_ae="FAST_CT")
+    pynetdicom_send(node.port, slow.files, calling_ae="SLOW_CT")
+    sent_at = time.monotonic()
+    wait_until(lambda: len(_jobs(node)) == 1, 10, what="the fast series' job")
+    assert node.db.query("SELECT series_uid FROM jobs")[0]["series_uid"] == fast.series_uid
+    wait_until(lambda: len(_jobs(node)) == 2, 10, what="the slow series' job")
+    assert time.monotonic() - sent_at >= 2.5  # the slow AE's quiet period was respected
+
+
+def test_series_over_two_associations_is_one_job(make_node: Callable[..., Node],
+                                                 tmp_path: Path) -> None:
+    node = make_node(assembly={"quiet_seconds": 2.0, "release_grace_seconds": 0.5})
+    series = write_series(tmp_path / "in", 10, rows=32, seed=43)
+    pynetdicom_send(node.port, series.files[:5])
+    pynetdicom_send(node.port, series.files[5:])  # within the release grace
+    wait_until(lambda: _jobs(node) == [("done", 10)], 20, what="one job of 10")
+    time.sleep(2.5)
+    assert _jobs(node) == [("done", 10)]
+
+
+def test_release_triggers_an_early_check(make_node: Callable[..., Node], tmp_path: Path) -> None:
+    node = make_node(assembly={"quiet_seconds": 30.0, "release_grace_seconds": 0.2})
+    series = write_series(tmp_path / "in", 3, rows=32, seed=44)
+    started = time.monotonic()
+    pynetdicom_send(node.port, series.files)
+    wait_until(lambda: len(_jobs(node)) == 1, 10, what="job after release")
+    assert time.monotonic() - started < 10
+
+
+def test_late_instance_after_analysis_causes_a_rerun(make_node: Callable[..., Node],
+                                                     tmp_path: Path) -> None:
+    node = make_node()
+    series = write_series(tmp_path / "in", 6, rows=32, seed=45)
+    pynetdicom_send(node.port, series.files[:5])
+    wait_until(lambda: _jobs(node) == [("done", 5)], 20, what="first run")
+    pynetdicom_send(node.port, series.files[5:])
+    wait_until(lambda: _jobs(node) == [("done", 5), ("done", 6)], 20, what="re-run with 6")
+    row = node.db.query("SELECT runs, state FROM series")[0]
+    assert (row["runs"], row["state"]) == (2, "done")
+    late = node.metrics.registry.get_sample_value("ich_node_late_instances_total")
+    assert late == 1
+
+
+def test_late_instance_without_rerun_is_stored_and_logged(
+        make_node: Callable[..., Node], tmp_path: Path, caplog: object) -> None:
+    import pytest
+
+    assert isinstance(caplog, pytest.LogCaptureFixture)
+    node = make_node(assembly={"rerun_on_late_instances": False})
+    series = write_series(tmp_path / "in", 3, rows=32, seed=46)
+    pynetdicom_send(node.port, series.files[:2])
+    wait_until(lambda: _jobs(node) == [("done", 2)], 20, what="first run")
+    with caplog.at_level("WARNING"):
+        assert pynetdicom_send(node.port, series.files[2:]) == [0]
+    time.sleep(2.0)
+    assert _jobs(node) == [("done", 2)]
+    assert "stored but not analysed" in caplog.text
+    assert len(node.db.query("SELECT * FROM instances")) == 3

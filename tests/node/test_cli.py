@@ -1,0 +1,99 @@
+"""The CLI as a subprocess, like pynetdicom tests its apps: run, status, echo, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from tests.helpers.ctseries import write_series
+from tests.helpers.net import free_port, pynetdicom_send, wait_until
+from tests.helpers.receiver import Receiver
+
+REPO = Path(__file__).resolve().parents[2]
+ICH_NODE = [sys.executable, "-m", "node.cli"]
+
+
+def _run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*ICH_NODE, *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=timeout)
+
+
+def test_invalid_config_exits_2_naming_the_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("dicom:\n  ae_title: WAY_TOO_LONG_AE_TITLE\nspool:\n  colour: red\n")
+    result = _run("run", "--config", str(cfg))
+    assert result.returncode == 2
+    assert "dicom.ae_title" in result.stderr and "spool.colour: unknown key" in result.stderr
+
+
+def test_status_without_a_spool_says_so(tmp_path: Path) -> None:
+    result = _run("status", "--spool", str(tmp_path / "nothing"))
+    assert result.returncode == 1 and "no node state" in result.stderr
+
+
+def test_echo_a_configured_destination(tmp_path: Path) -> None:
+    receiver = Receiver(free_port()).start()
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"destinations": [
+        {"name": "up", "ae_title": "RESULTS", "host": "127.0.0.1", "port": receiver.port},
+        {"name": "down", "ae_title": "NOBODY", "host": "127.0.0.1", "port": free_port()}]}))
+    try:
+        ok = _run("echo", "up", "--config", str(cfg))
+        assert ok.returncode == 0 and "status 0x0000" in ok.stdout
+        down = _run("echo", "down", "--config", str(cfg))
+        assert down.returncode == 1 and "association failed" in down.stderr
+        unknown = _run("echo", "nope", "--config", str(cfg))
+        assert unknown.returncode == 2 and "known: up, down" in unknown.stderr
+    finally:
+        receiver.stop()
+
+
+def test_run_wires_the_real_pipeline_reports_status_and_stops_on_sigterm(tmp_path: Path) -> None:
+    """``ich-node run`` uses the real ``pipeline.analyze``: a series is received, becomes a
+    job, and the job's outcome (whatever the pipeline can do today) is on disk with its
+    reason; ``status`` works while it runs and after; SIGTERM exits 0."""
+    port, http_port = free_port(), free_port()
+    spool = tmp_path / "spool"
+    proc = subprocess.Popen(
+        [*ICH_NODE, "run", "--config", str(REPO / "config.yaml"), "--port", str(port),
+         "--spool", str(spool), "--quiet-seconds", "1", "--ae-title", "NODE_UNDER_TEST"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=dict(os.environ, ICH_NODE__HTTP__PORT=str(http_port),
+                 ICH_NODE__SPOOL__MIN_FREE_MB="1"))
+    try:
+        series = write_series(tmp_path / "in", 4, rows=32, seed=61)
+        wait_until(lambda: _can_send(port, series.files), 30, what="node listening")
+        wait_until(lambda: '"done": 1' in _run("status", "--spool", str(spool), "--json").stdout
+                   or '"failed": 1' in _run("status", "--spool", str(spool), "--json").stdout,
+                   60, what="the job to finish")
+        status = json.loads(_run("status", "--spool", str(spool), "--json").stdout)
+        [entry] = status["series"]
+        assert entry["series_uid"] == series.series_uid and entry["instances"] == 4
+        report = json.loads(next((spool / "jobs").glob("*.json")).read_text())
+        if report["state"] == "failed":  # the models are not shipped yet: say so, lose nothing
+            assert entry["last_error"] and report["error"] == entry["last_error"]
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics").read().decode()
+        assert 'ich_node_instances_received_total{outcome="stored"} 4.0' in metrics
+        health = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz").read()
+        assert health == b"ok\n"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output
+    assert "listening as NODE_UNDER_TEST" in output and "stopped" in output
+    text = _run("status", "--spool", str(spool)).stdout  # works with the node stopped
+    assert series.series_uid[-44:] in text
+
+
+def _can_send(port: int, files: list[Path]) -> bool:
+    try:
+        return pynetdicom_send(port, files, calling_ae="CLI_TEST") == [0] * len(files)
+    except AssertionError:
+        return False
