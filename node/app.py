@@ -29,6 +29,7 @@ from node.scp import start_server
 from node.sender import Sender, SqliteOutboundQueue
 from node.spool import DiskSpool
 from node.worker import REAL_ANALYZER, WorkerProcess
+from pipeline.analyze import model_identity
 
 LOGGER = logging.getLogger(__name__)
 
@@ -80,11 +81,15 @@ class Node:
             self._http = HttpEndpoint(cfg.http.host, cfg.http.port, self.metrics, self.healthy)
             self._http.start()
         self.ae, self._server = start_server(cfg, self.spool, self.assembler, self.metrics)
+        model = model_identity()
         LOGGER.info(
             "ich-node %s listening as %s on %s:%d; spool %s; %d destinations; analyzer %s; "
-            "recovered %d files, re-queued %d jobs (%d failed), %d outbound, resumed %d series",
-            __version__, cfg.dicom.ae_title, cfg.dicom.host, self.port, cfg.spool.path,
-            len(cfg.destinations), self.analyzer, recovered, requeued, failed, resent, resumed)
+            "model %s; recovered %d files, re-queued %d jobs (%d failed), %d outbound, "
+            "resumed %d series", __version__, cfg.dicom.ae_title, cfg.dicom.host, self.port,
+            cfg.spool.path, len(cfg.destinations), self.analyzer,
+            f"{model['name']} {model['version']} sha256 {model['sha256'][:16]}" if model
+            else "none installed (jobs will fail until weights ship)",
+            recovered, requeued, failed, resent, resumed)
 
     @property
     def port(self) -> int:

@@ -120,6 +120,7 @@ def handle_accepted(event: evt.Event, metrics: NodeMetrics) -> None:
     metrics.associations.labels(outcome="accepted").inc()
     refused = sorted({UID(str(cx.abstract_syntax)).name for cx in assoc.rejected_contexts})
     if refused:
+        metrics.contexts_refused.inc(len(assoc.rejected_contexts))
         LOGGER.info("association from %s at %s: %d of %d presentation contexts refused "
                     "(SOP classes we do not store; dicom.other_sop_classes=refuse)",
                     assoc.requestor.ae_title, assoc.requestor.address, len(refused),

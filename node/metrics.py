@@ -62,6 +62,9 @@ class NodeMetrics:
         self.associations = Counter(
             f"{PREFIX}_associations", "Inbound associations by outcome (accepted, or the "
             "rejection reason)", ["outcome"], registry=r)
+        self.contexts_refused = Counter(
+            f"{PREFIX}_presentation_contexts_refused", "Presentation contexts refused at "
+            "negotiation (SOP classes we do not store)", registry=r)
         self.late_instances = Counter(
             f"{PREFIX}_late_instances", "Instances for a series already queued or analysed",
             registry=r)

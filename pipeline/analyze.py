@@ -29,6 +29,11 @@ class Results:
     findings: dict[str, Any] = field(default_factory=dict)
 
 
+def model_identity() -> dict[str, str] | None:
+    """Name, version and sha256 of the installed model weights; None while none ship."""
+    return None
+
+
 def analyze(series_dir: Path, config: PipelineConfig) -> Results:
     """Analyse the CT series in *series_dir*.
 

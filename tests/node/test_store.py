@@ -175,6 +175,7 @@ def test_non_ct_sop_class_is_refused_at_negotiation(make_node: Callable[..., Nod
             assoc.send_c_store(_mr_instance())
     finally:
         assoc.release()
+    assert _metric(node, "ich_node_presentation_contexts_refused_total") == 1
 
 
 def test_non_ct_sop_class_accepted_and_ignored_when_configured(
