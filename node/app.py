@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from types import FrameType
 
 from apscheduler.executors.pool import ThreadPoolExecutor
@@ -126,6 +127,7 @@ class Node:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+            self._drain_associations()
         self.scheduler.shutdown(wait=True)
         self.worker.stop()
         self.sender.stop()
@@ -134,6 +136,22 @@ class Node:
         if self.db is not None:
             self.db.close()
         LOGGER.info("stopped")
+
+    def _drain_associations(self) -> None:
+        """Let active inbound associations finish (the assembler still runs), then abort the
+        rest: what they had not got Success for, the peer sends again."""
+        deadline = time.monotonic() + self.config.dicom.drain_timeout_s
+        while True:
+            active = [a for a in self.ae.active_associations if a.is_acceptor]
+            if not active:
+                return
+            if time.monotonic() >= deadline:
+                LOGGER.warning("aborting %d associations still active after %.0f s",
+                               len(active), self.config.dicom.drain_timeout_s)
+                for assoc in active:
+                    assoc.abort()
+                return
+            time.sleep(0.1)
 
     def serve_forever(self) -> None:
         """Start, then run until SIGTERM or SIGINT."""

@@ -44,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     resend = verbs.add_parser("resend", help="send a study's results again")
     _common(resend)
     resend.add_argument("study_uid", metavar="STUDY_UID")
+
+    volume = verbs.add_parser("volume", help="build the HU volume of a folder of CT instances")
+    _common(volume)
+    volume.add_argument("input_dir", type=Path, metavar="INPUT_DIR")
+    volume.add_argument("--out", type=Path, required=True, metavar="FILE.nii.gz",
+                        help="NIfTI file to write")
+    volume.add_argument("--json", action="store_true", help="print the reports as JSON")
     return parser
 
 
@@ -139,6 +146,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_status(config, args.json, args.limit)
         if args.verb == "resend":
             return cmd_resend(config, args.study_uid)
+        if args.verb == "volume":
+            from pipeline.volume import volume_command
+
+            return volume_command(args.input_dir, args.out, args.json, config.pipeline)
     except (ConfigError, KeyError, FileNotFoundError) as exc:
         print(f"ich-node {args.verb}: {exc}", file=sys.stderr)
         return 2

@@ -79,6 +79,9 @@ class DicomConfig(_Strict):
         "refuse", description="Storage SOP classes other than (Enhanced) CT"
     )
     tcp_nodelay: bool = Field(True, description="Disable Nagle on our sockets")
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="On stop, wait this long for active associations to finish"
+    )
 
     @field_validator("allowed_networks")
     @classmethod
