@@ -9,6 +9,7 @@ photometric interpretation.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -36,7 +37,7 @@ def three_windows(hu: np.ndarray, config: WindowsConfig | None = None) -> np.nda
                      apply_window(hu, *cfg.bone)])
 
 
-def brain_mask(hu: np.ndarray, spacing: tuple[float, float, float],
+def brain_mask(hu: np.ndarray, spacing: Sequence[float],
                config: WindowsConfig | None = None) -> np.ndarray:
     """Intracranial soft tissue (skull, scalp and air removed) as a bool array like ``hu``.
 

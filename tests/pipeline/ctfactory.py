@@ -197,7 +197,7 @@ def _set_pixels(ds: Dataset, spec: SeriesSpec, stored: np.ndarray) -> None:
     ds.PixelData = np.ascontiguousarray(stored).tobytes()
     if ts in (dcm_uid.ExplicitVRLittleEndian, dcm_uid.ImplicitVRLittleEndian,
               dcm_uid.DeflatedExplicitVRLittleEndian):
-        ds.file_meta.TransferSyntaxUID = ts
+        ds.file_meta.TransferSyntaxUID = dcm_uid.UID(ts)
         return
     if ts == dcm_uid.ExplicitVRBigEndian:
         ds.file_meta.TransferSyntaxUID = ts
@@ -292,7 +292,8 @@ def write_series(
     for k, ipp in enumerate(slice_positions(spec)):
         ds = _plane_dataset(spec, k, ipp)
         _set_pixels(ds, spec, _hu_to_storage(spec, sample_plane(spec, ipp)))
-        name = names[k] if names is not None else f"{spec.series_uid[-6:]}_{k:04d}.dcm"
+        name = (names[k] if names is not None
+                else f"{spec.series_uid[-6:]}_{k:04d}_{ds.SOPInstanceUID[-8:]}.dcm")
         paths.append(write_dataset(ds, out_dir / name))
     return paths
 
