@@ -97,3 +97,21 @@ def _can_send(port: int, files: list[Path]) -> bool:
         return pynetdicom_send(port, files, calling_ae="CLI_TEST") == [0] * len(files)
     except AssertionError:
         return False
+
+
+def test_volume_verb_writes_nifti_and_reports(tmp_path: Path) -> None:
+    import SimpleITK as sitk
+
+    series = write_series(tmp_path / "in", 12, rows=32, seed=62)
+    out = tmp_path / "vol.nii.gz"
+    result = _run("volume", str(tmp_path / "in"), "--out", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert series.series_uid in json.dumps(report["selection"])
+    image = sitk.ReadImage(str(out))
+    assert image.GetSize() == (32, 32, 12)
+    assert image.GetSpacing() == (1.0, 1.0, 5.0)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    failed = _run("volume", str(empty), "--out", str(tmp_path / "x.nii.gz"))
+    assert failed.returncode == 1 and "SeriesRejected" in failed.stderr
