@@ -10,7 +10,6 @@ Geometry follows DICOM PS3.3 C.7.6.2 (Image Plane): pixel (r, c) of a slice lies
 from __future__ import annotations
 
 import io
-import itertools
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -26,13 +25,12 @@ from pydicom.sequence import Sequence as DicomSequence
 HuFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 Storage = Literal["signed", "unsigned", "wrapped12"]
 
-UID_ROOT = "1.2.826.0.1.3680043.10.1047."  # a test-only root, deterministic UIDs below it
-_COUNTER = itertools.count(1)
+UID_ROOT = "1.2.826.0.1.3680043.10.1047."  # a test-only root
 
 
 def make_uid() -> str:
-    """A unique test UID (counter based, so failures are reproducible within one run)."""
-    return dcm_uid.generate_uid(prefix=UID_ROOT, entropy_srcs=[str(next(_COUNTER))])
+    """A unique test UID below the test root."""
+    return dcm_uid.generate_uid(prefix=UID_ROOT)
 
 
 def linear_hu(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
@@ -156,10 +154,10 @@ def encode_stored(spec: SeriesSpec, hu: np.ndarray) -> np.ndarray:
 def _base_dataset(spec: SeriesSpec, sop_uid: str, sop_class: str) -> Dataset:
     ds = Dataset()
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.MediaStorageSOPClassUID = dcm_uid.UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = dcm_uid.UID(sop_uid)
     meta.TransferSyntaxUID = dcm_uid.ExplicitVRLittleEndian
-    meta.ImplementationClassUID = UID_ROOT + "1"
+    meta.ImplementationClassUID = dcm_uid.UID(UID_ROOT + "1")
     ds.file_meta = meta
     ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = sop_uid
