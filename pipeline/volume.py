@@ -124,7 +124,7 @@ def _read(path: Path) -> tuple[Dataset, list[SliceInfo]]:
     return ds, slices_from_dataset(ds, path)
 
 
-def stored_to_hu(stored: np.ndarray, info: SliceInfo, px: _PixelHeader, config: VolumeConfig,
+def _stored_to_hu(stored: np.ndarray, info: SliceInfo, px: _PixelHeader, config: VolumeConfig,
                  out: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, int]]:
     """Modality LUT for one 2D frame: stored values (already masked to BitsStored and
     sign-extended by pydicom) -> float32 HU.
@@ -234,7 +234,7 @@ def build_volume(files: Sequence[Path], config: VolumeConfig) -> Volume:
             if frame.shape != (rows, cols):
                 raise VolumeError(f"{s.label}: pixel data is {frame.shape}, header says "
                                   f"{(rows, cols)}")
-            _, counts = stored_to_hu(frame, s, px, config, out=src[k])
+            _, counts = _stored_to_hu(frame, s, px, config, out=src[k])
             for key, v in counts.items():
                 totals[key] += v
         return totals
