@@ -1,0 +1,258 @@
+"""Run the classifier and the segmenter on one volume: ``run_models(volume, models, config)``.
+
+A worker loads the networks once with :func:`load_models` and reuses the :class:`Models`
+object for every series. Inference is deterministic: eval mode (batch norm uses its
+running statistics, no dropout), ``torch.inference_mode``, and
+``torch.use_deterministic_algorithms`` when ``config.deterministic``.
+
+Decisions and mask, as written into :class:`~pipeline.findings.Findings`:
+
+* Series probabilities come from the classifier's attention pooling; a label is
+  positive when its probability reaches the operating point (config, else the weights'
+  metadata). "any" is also positive when any subtype is (RSNA: any = OR of subtypes);
+  the case is reported in ``warnings``.
+* The mask is the segmenter's per-pixel argmax on the volume grid (logits resized back
+  bilinearly from the model grid). With ``mask_gate='any_positive'`` (default) the mask
+  and lesion table are emptied when the classifier calls the series negative; a
+  segmentation that is withheld, or a positive series without any segmented lesion, is
+  reported in ``warnings``. Subtype codes inside the mask are the segmenter's own; the
+  classifier's subtype decisions do not edit the mask.
+* Components below ``min_lesion_ml`` are removed from the mask (see :mod:`pipeline.lesions`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from pipeline.errors import InferenceError
+from pipeline.findings import LABELS, SUBTYPES, Findings, LabelFinding, ModelIdentity
+from pipeline.lesions import find_lesions, voxel_volume_ml
+from pipeline.models.classifier import ClassifierArch, SliceSeriesClassifier, build_classifier
+from pipeline.models.config import ModelsConfig
+from pipeline.models.inputs import (
+    ModelGrid,
+    classifier_spec,
+    segmenter_spec,
+    slice_inputs,
+    windows_on_grid,
+)
+from pipeline.models.segmenter import Segmenter, SegmenterArch, build_segmenter
+from pipeline.models.weights import WeightsMeta, load_weights
+from pipeline.volume import Volume
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass
+class Models:
+    """Both networks in eval mode on their device, with their metadata; load once per
+    worker (:func:`load_models`) and pass to :func:`run_models` for every series."""
+
+    classifier: SliceSeriesClassifier
+    segmenter: Segmenter
+    classifier_meta: WeightsMeta
+    segmenter_meta: WeightsMeta
+    device: torch.device
+    autocast_dtype: torch.dtype | None  # None: fp32
+    thresholds: dict[str, float]  # LABELS order
+
+    @property
+    def identity(self) -> ModelIdentity:
+        """One identity for the pair: names and versions joined with '+', and the sha256
+        of the two weights files' sha256 hex digests joined by a newline."""
+        c, s = self.classifier_meta, self.segmenter_meta
+        bundle = hashlib.sha256(f"{c.sha256}\n{s.sha256}\n".encode()).hexdigest()
+        return ModelIdentity(name=f"{c.name}+{s.name}", version=f"{c.version}+{s.version}",
+                             sha256=bundle, demo=c.demo or s.demo)
+
+
+def cpu_threads() -> int:
+    """CPUs this process may run on (the affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def select_device(config: ModelsConfig) -> tuple[torch.device, torch.dtype | None]:
+    """Device and autocast dtype from ``config.device`` / ``config.precision``."""
+    has_cuda = torch.cuda.is_available()
+    if config.device == "cuda" and not has_cuda:
+        raise InferenceError("models.device is 'cuda' but torch sees no CUDA device "
+                             "(use 'auto' or 'cpu')")
+    if config.device == "cuda" or (config.device == "auto" and has_cuda):
+        if config.precision == "fp32":
+            return torch.device("cuda"), None
+        if config.precision == "fp16" or (config.precision == "auto"
+                                           and not torch.cuda.is_bf16_supported()):
+            return torch.device("cuda"), torch.float16
+        return torch.device("cuda"), torch.bfloat16
+    if config.precision == "fp16":
+        raise InferenceError("models.precision 'fp16' needs CUDA; use 'fp32' or 'bf16' on CPU")
+    return torch.device("cpu"), torch.bfloat16 if config.precision == "bf16" else None
+
+
+def _thresholds(config: ModelsConfig, meta: WeightsMeta) -> dict[str, float]:
+    try:
+        return config.thresholds.resolve(meta.operating_points)
+    except ValueError as exc:
+        raise InferenceError(f"models.thresholds: {exc}") from exc
+
+
+def assemble_models(classifier: SliceSeriesClassifier, segmenter: Segmenter,
+                    classifier_meta: WeightsMeta, segmenter_meta: WeightsMeta,
+                    config: ModelsConfig) -> Models:
+    """Wrap networks already built (training, evaluation, tests) as :class:`Models`."""
+    device, dtype = select_device(config)
+    if device.type == "cpu":
+        torch.set_num_threads(config.threads or cpu_threads())
+    if config.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    classifier.to(device).eval()
+    segmenter.to(device).eval()
+    return Models(classifier, segmenter, classifier_meta, segmenter_meta, device, dtype,
+                  _thresholds(config, classifier_meta))
+
+
+def load_models(config: ModelsConfig) -> Models:
+    """Load and check both weights files (see :func:`pipeline.models.weights.load_weights`);
+    raises :class:`InferenceError` naming the file and the rule that failed."""
+    t0 = time.perf_counter()
+    c_state, c_meta = load_weights(
+        config.classifier_weights,
+        classifier_spec(config.input_size, config.classifier_neighbours), "classifier")
+    s_state, s_meta = load_weights(
+        config.segmenter_weights,
+        segmenter_spec(config.input_size, config.segmenter_neighbours), "segmenter")
+    try:
+        c_arch = ClassifierArch.from_dict(c_meta.architecture)
+        s_arch = SegmenterArch.from_dict(s_meta.architecture)
+        classifier = build_classifier(c_arch)
+        segmenter = build_segmenter(s_arch)
+        classifier.load_state_dict(c_state)
+        segmenter.load_state_dict(s_state)
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise InferenceError(f"weights do not fit the architecture in their metadata: {exc}"
+                             ) from exc
+    if c_arch.in_channels != c_meta.spec.channels or s_arch.in_channels != s_meta.spec.channels:
+        raise InferenceError("weights metadata is inconsistent: architecture in_channels "
+                             "differs from the input spec's channel count")
+    models = assemble_models(classifier, segmenter, c_meta, s_meta, config)
+    LOGGER.info("models loaded on %s in %.2fs: %s %s (sha256 %s), %s %s (sha256 %s)",
+                models.device, time.perf_counter() - t0, c_meta.name, c_meta.version,
+                c_meta.sha256[:12], s_meta.name, s_meta.version, s_meta.sha256[:12])
+    return models
+
+
+@contextlib.contextmanager
+def _autocast(models: Models) -> Iterator[None]:
+    if models.autocast_dtype is None:
+        yield
+        return
+    with torch.autocast(device_type=models.device.type, dtype=models.autocast_dtype):
+        yield
+
+
+@dataclass
+class RawOutputs:
+    """Network outputs for one volume before decisions."""
+
+    slice_probabilities: np.ndarray  # (z, 6) float32
+    series_probabilities: np.ndarray  # (6,) float32
+    mask: np.ndarray  # (z, y, x) uint8 argmax codes
+    timings_s: dict[str, float]
+
+
+def predict(hu: np.ndarray, models: Models, batch_size: int = 16,
+            segment: bool = True) -> RawOutputs:
+    """Probabilities and argmax mask for a (z, y, x) HU volume (no thresholds, no gate)."""
+    if hu.ndim != 3 or hu.shape[0] < 1:
+        raise InferenceError(f"expected a (z, y, x) HU volume, got shape {hu.shape}")
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    c_spec, s_spec = models.classifier_meta.spec, models.segmenter_meta.spec
+    z = hu.shape[0]
+    grids = {spec.size: ModelGrid.for_shape(hu.shape, spec.size) for spec in (c_spec, s_spec)}
+    windows = {(spec.size, spec.windows): windows_on_grid(hu, grids[spec.size], spec.windows)
+               for spec in (c_spec, s_spec)}
+    timings["preprocess"] = time.perf_counter() - t0
+    dev = models.device
+    with torch.inference_mode(), _autocast(models):
+        t1 = time.perf_counter()
+        win = windows[(c_spec.size, c_spec.windows)]
+        emb = [models.classifier.encode(
+            slice_inputs(win, c_spec, np.arange(a, min(a + batch_size, z))).to(dev))
+            for a in range(0, z, batch_size)]
+        slice_logits, series_logits = models.classifier.sequence(torch.cat(emb)[None])
+        slice_p = torch.sigmoid(slice_logits[0].float()).cpu().numpy().astype(np.float32)
+        series_p = torch.sigmoid(series_logits[0].float()).cpu().numpy().astype(np.float32)
+        timings["classifier"] = time.perf_counter() - t1
+        mask = np.zeros(hu.shape, dtype=np.uint8)
+        if segment:
+            t2 = time.perf_counter()
+            win = windows[(s_spec.size, s_spec.windows)]
+            grid = grids[s_spec.size]
+            for a in range(0, z, batch_size):
+                idx = np.arange(a, min(a + batch_size, z))
+                logits = models.segmenter(slice_inputs(win, s_spec, idx).to(dev)).float()
+                full = grid.to_volume(logits)
+                mask[a:a + len(idx)] = full.argmax(dim=1).to(torch.uint8).cpu().numpy()
+            timings["segmenter"] = time.perf_counter() - t2
+    return RawOutputs(slice_p, series_p, mask, timings)
+
+
+def run_models(volume: Volume, models: Models, config: ModelsConfig) -> Findings:
+    """Classify and segment ``volume``; see the module docstring for the decision rules."""
+    t0 = time.perf_counter()
+    raw = predict(volume.hu, models, config.batch_size)
+    findings = decide(raw, volume.image, models, config)
+    findings.timings_s["total"] = round(time.perf_counter() - t0, 4)
+    LOGGER.info("series %s: any=%.3f (%s), %d lesion(s), %.2fs", volume.series_uid,
+                findings.labels["any"].probability,
+                "positive" if findings.positive else "negative", len(findings.lesions),
+                findings.timings_s["total"])
+    return findings
+
+
+def decide(raw: RawOutputs, image: sitk.Image, models: Models, config: ModelsConfig
+           ) -> Findings:
+    """Thresholds, mask gate and lesion table for network outputs on ``image``'s grid."""
+    warnings: list[str] = []
+    thresholds = models.thresholds
+    labels = {name: LabelFinding(probability=float(raw.series_probabilities[i]),
+                                 positive=bool(raw.series_probabilities[i] >= thresholds[name]),
+                                 threshold=thresholds[name])
+              for i, name in enumerate(LABELS)}
+    positive_subtypes = [s for s in SUBTYPES if labels[s].positive]
+    if positive_subtypes and not labels["any"].positive:
+        f = labels["any"]
+        labels["any"] = LabelFinding(f.probability, True, f.threshold)
+        warnings.append(f"'any' probability {f.probability:.3f} is below its threshold "
+                        f"{f.threshold:.3f} but {', '.join(positive_subtypes)} is positive: "
+                        "series called positive")
+    t1 = time.perf_counter()
+    mask = raw.mask
+    if config.mask_gate == "any_positive" and not labels["any"].positive and mask.any():
+        ml = float(np.count_nonzero(mask)) * voxel_volume_ml(image)
+        warnings.append(f"the segmenter marked {ml:.2f} mL but the classifier calls the series "
+                        "negative: no mask or lesions reported (mask_gate any_positive)")
+        mask = np.zeros_like(mask)
+    lesions, mask = find_lesions(mask, image, config.min_lesion_ml)
+    if labels["any"].positive and not lesions:
+        warnings.append(f"the classifier calls the series positive but the segmenter found no "
+                        f"lesion of {config.min_lesion_ml} mL or more")
+    timings = dict(raw.timings_s)
+    timings["lesions"] = time.perf_counter() - t1
+    return Findings(labels=labels, slice_probabilities=raw.slice_probabilities, mask=mask,
+                    lesions=lesions, model=models.identity, warnings=warnings,
+                    timings_s={k: round(v, 4) for k, v in timings.items()})

@@ -1,0 +1,88 @@
+"""Connected components of a subtype label map -> a table of :class:`Lesion`.
+
+Components are found per subtype in 3D with 26-connectivity (``scipy.ndimage.label``
+with a full 3x3x3 structure). Volumes use the voxel volume from the image spacing;
+centroids are mapped to patient coordinates (LPS, mm) with the SimpleITK image's
+``TransformContinuousIndexToPhysicalPoint``, so gantry-tilt-corrected or oblique
+volumes report true positions. Components below ``min_volume_ml`` are removed from the
+mask and not reported.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from pipeline.findings import SUBTYPE_CODE, Lesion
+
+LOGGER = logging.getLogger(__name__)
+
+_STRUCTURE_26 = np.ones((3, 3, 3), dtype=bool)
+
+
+def voxel_volume_ml(image: sitk.Image) -> float:
+    """Volume of one voxel in mL (spacing in mm; 1 mL = 1000 mm^3)."""
+    sx, sy, sz = image.GetSpacing()
+    return float(sx * sy * sz) / 1000.0
+
+
+def find_lesions(mask: np.ndarray, image: sitk.Image, min_volume_ml: float = 0.05
+                 ) -> tuple[list[Lesion], np.ndarray]:
+    """Lesions of a (z, y, x) uint8 subtype map on the grid of ``image``.
+
+    Returns the lesions (by subtype code, then largest first) and a copy of ``mask`` with
+    the components below ``min_volume_ml`` set to 0. Raises ValueError when the mask and
+    image grids differ or the mask holds codes outside 0..5.
+    """
+    size_xyz = image.GetSize()
+    if mask.shape != (size_xyz[2], size_xyz[1], size_xyz[0]):
+        raise ValueError(f"mask shape {mask.shape} differs from the image grid "
+                         f"{(size_xyz[2], size_xyz[1], size_xyz[0])} (z, y, x)")
+    codes = set(np.unique(mask).tolist()) - {0}
+    unknown = codes - set(SUBTYPE_CODE.values())
+    if unknown:
+        raise ValueError(f"mask holds codes {sorted(unknown)}; only 0..5 are subtype codes")
+    spacing = image.GetSpacing()  # x, y, z
+    vox_ml = voxel_volume_ml(image)
+    min_voxels = min_volume_ml / vox_ml if vox_ml > 0 else 0.0
+    cleaned = mask.copy()
+    lesions: list[Lesion] = []
+    for subtype, code in SUBTYPE_CODE.items():
+        if code not in codes:
+            continue
+        labels, n = ndimage.label(mask == code, structure=_STRUCTURE_26)
+        if n == 0:
+            continue
+        objects = ndimage.find_objects(labels)
+        counts = np.bincount(labels.ravel(), minlength=n + 1)
+        found: list[Lesion] = []
+        for k, box in enumerate(objects, start=1):
+            if box is None:
+                continue
+            voxels = int(counts[k])
+            if voxels < min_voxels:
+                cleaned[box][labels[box] == k] = 0
+                continue
+            comp = labels[box] == k
+            zz, yy, xx = np.nonzero(comp)
+            cz = float(zz.mean()) + box[0].start
+            cy = float(yy.mean()) + box[1].start
+            cx = float(xx.mean()) + box[2].start
+            centroid = image.TransformContinuousIndexToPhysicalPoint((cx, cy, cz))
+            per_slice = comp.sum(axis=(1, 2))
+            extent = tuple(float((b.stop - b.start) * s)
+                           for b, s in zip((box[2], box[1], box[0]), spacing, strict=True))
+            found.append(Lesion(
+                subtype=subtype, code=code, volume_ml=voxels * vox_ml,
+                centroid_mm=(float(centroid[0]), float(centroid[1]), float(centroid[2])),
+                extent_mm=(extent[0], extent[1], extent[2]),
+                slices=(int(box[0].start), int(box[0].stop - 1)),
+                largest_slice=int(box[0].start + int(np.argmax(per_slice))),
+                voxels=voxels))
+        found.sort(key=lambda les: -les.volume_ml)
+        lesions.extend(found)
+    LOGGER.debug("%d lesion(s) kept", len(lesions))
+    return lesions, cleaned

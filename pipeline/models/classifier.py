@@ -1,0 +1,135 @@
+"""CNN-GRU slice/series classifier for the six RSNA 2019 labels.
+
+Each slice (three windows, optionally the brain window of its neighbours) goes through
+a small 2D CNN to an embedding; a bidirectional GRU reads the embeddings in slice order
+and gives per-slice logits; series logits come from learned attention pooling over the
+slices, one attention head per label. Label order is :data:`pipeline.findings.LABELS`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from monai.networks.blocks import Convolution
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from pipeline.findings import LABELS
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClassifierArch:
+    """Hyperparameters that build :class:`SliceSeriesClassifier` (stored with the weights)."""
+
+    in_channels: int = 5
+    widths: tuple[int, ...] = (16, 32, 64, 96, 128)
+    embedding: int = 128
+    hidden: int = 96
+    labels: int = len(LABELS)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        d = asdict(self)
+        d["widths"] = list(self.widths)
+        d["name"] = "cnn-bigru-attention"
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ClassifierArch:
+        """Inverse of :meth:`to_dict`."""
+        return cls(in_channels=int(data["in_channels"]),
+                   widths=tuple(int(w) for w in data["widths"]),
+                   embedding=int(data["embedding"]), hidden=int(data["hidden"]),
+                   labels=int(data["labels"]))
+
+
+class SliceEncoder(nn.Module):
+    """2D CNN: per stage a strided and a plain 3x3 convolution (batch norm, ReLU), then
+    global average and max pooling and a linear projection to the embedding."""
+
+    def __init__(self, arch: ClassifierArch) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = arch.in_channels
+        for width in arch.widths:
+            layers.append(Convolution(2, c_in, width, strides=2, kernel_size=3, norm="batch",
+                                      act="relu"))
+            layers.append(Convolution(2, width, width, strides=1, kernel_size=3, norm="batch",
+                                      act="relu"))
+            c_in = width
+        self.features = nn.Sequential(*layers)
+        self.project = nn.Sequential(nn.Linear(2 * c_in, arch.embedding), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, C, H, W) -> (n, embedding)."""
+        f = self.features(x)
+        pooled = torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1)
+        out: torch.Tensor = self.project(pooled)
+        return out
+
+
+class SliceSeriesClassifier(nn.Module):
+    """Per-slice and per-series logits for the six labels.
+
+    ``forward(x, valid)`` takes (B, Z, C, H, W) and an optional (B, Z) bool mask of real
+    (not padded) slices and returns ``(slice_logits (B, Z, 6), series_logits (B, 6))``.
+    For long series use :meth:`encode` in batches then :meth:`sequence`.
+    """
+
+    def __init__(self, arch: ClassifierArch) -> None:
+        super().__init__()
+        self.arch = arch
+        self.encoder = SliceEncoder(arch)
+        self.rnn = nn.GRU(arch.embedding, arch.hidden, batch_first=True, bidirectional=True)
+        ctx = 2 * arch.hidden + arch.embedding
+        self.slice_head = nn.Linear(ctx, arch.labels)
+        self.attention = nn.Linear(ctx, arch.labels)
+        self.series_weight = nn.Parameter(torch.zeros(arch.labels, ctx))
+        self.series_bias = nn.Parameter(torch.zeros(arch.labels))
+        nn.init.normal_(self.series_weight, std=ctx ** -0.5)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, C, H, W) slices -> (n, embedding)."""
+        out: torch.Tensor = self.encoder(x)
+        return out
+
+    def sequence(self, emb: torch.Tensor, valid: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, Z, E) embeddings in slice order -> (slice logits (B, Z, L), series (B, L)).
+
+        ``valid`` marks the real slices; they must come first in each row (padding at the
+        end), and padded slices influence neither direction of the GRU nor the pooling.
+        """
+        if valid is not None and not bool(valid.all()):
+            lengths = valid.sum(dim=1).cpu()
+            packed = pack_padded_sequence(emb, lengths, batch_first=True, enforce_sorted=False)
+            out, _ = self.rnn(packed)
+            ctx_rnn, _ = pad_packed_sequence(out, batch_first=True, total_length=emb.shape[1])
+        else:
+            ctx_rnn, _ = self.rnn(emb)
+        ctx = torch.cat([ctx_rnn, emb], dim=-1)
+        slice_logits = self.slice_head(ctx)
+        scores = self.attention(ctx).float()  # (B, Z, L)
+        if valid is not None:
+            scores = scores.masked_fill(~valid[:, :, None], float("-inf"))
+        weights = torch.softmax(scores, dim=1)
+        pooled = torch.einsum("bzl,bzc->blc", weights, ctx.float())
+        series_logits = (pooled * self.series_weight.float()).sum(-1) + self.series_bias.float()
+        return slice_logits.float(), series_logits
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, Z, C, H, W) -> (slice logits (B, Z, L), series logits (B, L))."""
+        b, z = x.shape[:2]
+        emb = self.encode(x.reshape(b * z, *x.shape[2:])).reshape(b, z, -1)
+        return self.sequence(emb, valid)
+
+
+def build_classifier(arch: ClassifierArch) -> SliceSeriesClassifier:
+    """A fresh classifier."""
+    return SliceSeriesClassifier(arch)

@@ -1,0 +1,583 @@
+"""Training of the classifier and the segmenter: ``train(kind, data, fmt, out, ...)``.
+
+``ich-node train {classifier,segmenter} --data DIR --format {phantom,rsna,ctich} --out DIR``
+calls :func:`train`. What it does:
+
+* Data: studies of the folder (see :mod:`pipeline.datasets`) split by a hash of their id
+  into train/validation, or, for ``fmt='phantom'`` without a folder, ``n_train`` and
+  ``n_val`` phantom studies generated in memory from disjoint seeds. Each study is
+  prepared once on the model grid (windows stored as uint8, masks by majority vote).
+* Classifier: batches of ``batch`` series, each a random run of ``seq_len`` consecutive
+  slices (left-right flips, small shifts); loss = BCE per slice + BCE per series (the
+  series label of a run is the OR of its slices), labels weighted as in the RSNA metric
+  (any x2) and ``pos_weight`` = negatives/positives per label (clipped to 1..50).
+* Segmenter: batches of ``batch`` slices, ``positive_fraction`` of them with blood;
+  loss = class-weighted cross-entropy + soft Dice over the subtypes + soft Dice of all
+  blood. CT-ICH voxels of unknown subtype count as blood in the last term and are
+  ignored by the other two (MONAI's DiceCELoss has no ignore label, hence our own).
+* Each epoch: validation on whole series, ``out/last.pt`` (everything needed to resume)
+  and, when the validation score improves, ``out/best.pt`` + ``out/best.json`` (a
+  weights file that :func:`pipeline.models.weights.load_weights` accepts). Classifier
+  operating points (sensitivity >= ``min_sensitivity`` on validation) go into the
+  metadata. ``resume=True`` continues from ``out/last.pt``.
+* CUDA: fp16 autocast with a GradScaler; CPU: fp32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.datasets import UNKNOWN_SUBTYPE, DataFormat, Study, iter_studies
+from pipeline.errors import PipelineError
+from pipeline.evaluate import dice, operating_point, roc_auc, weighted_log_loss
+from pipeline.findings import LABELS
+from pipeline.inference import cpu_threads
+from pipeline.models.classifier import ClassifierArch, SliceSeriesClassifier, build_classifier
+from pipeline.models.inputs import (
+    MODEL_WINDOWS,
+    InputSpec,
+    ModelGrid,
+    classifier_spec,
+    segmenter_spec,
+    slice_inputs,
+    windows_on_grid,
+)
+from pipeline.models.segmenter import N_CLASSES, Segmenter, SegmenterArch, build_segmenter
+from pipeline.models.weights import ModelKind, WeightsMeta, save_weights
+
+LOGGER = logging.getLogger(__name__)
+
+Kind = Literal["classifier", "segmenter"]
+MODEL_VERSION = "0.1.0"
+
+
+class TrainingError(PipelineError):
+    """Training cannot start or continue (bad data, incompatible checkpoint)."""
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Everything that defines a training run (stored in checkpoints and metadata)."""
+
+    kind: Kind
+    fmt: DataFormat
+    data: str | None
+    epochs: int = 20
+    batch: int = 4
+    lr: float = 2e-3
+    seed: int = 0
+    size: int = 128
+    neighbours: int = 1
+    seq_len: int = 24
+    steps_per_epoch: int = 0  # 0: one pass over the training studies (classifier) / slices
+    n_train: int = 120  # phantom studies generated in memory
+    n_val: int = 24
+    matrix: int = 128  # phantom in-plane pixels
+    val_fraction: float = 0.2
+    positive_fraction: float = 0.6
+    min_sensitivity: float = 0.95
+    max_minutes: float = 0.0  # 0: no limit; else stop after the epoch that passes it
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    command: str = ""
+    phantom_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Prepared:
+    """A study on the model grid, ready for batching."""
+
+    study_id: str
+    windows: np.ndarray  # (z, 3, s, s) uint8, value = round(255 * window)
+    slice_labels: np.ndarray  # (z, 6) uint8
+    mask: np.ndarray | None  # (z, s, s) uint8 codes 0..5 / UNKNOWN_SUBTYPE
+
+
+@dataclass
+class TrainResult:
+    """Where the run left its files and how good the best epoch was."""
+
+    out: Path
+    best: Path
+    last: Path
+    best_epoch: int
+    best_score: float
+    epochs_run: int
+    history: list[dict[str, Any]]
+
+
+# --------------------------------------------------------------------------- networks
+
+
+def new_network(kind: ModelKind, size: int, neighbours: int
+                ) -> tuple[nn.Module, InputSpec, dict[str, Any]]:
+    """A fresh network of ``kind`` for the given input, with its spec and architecture."""
+    if kind == "classifier":
+        spec = classifier_spec(size, neighbours)
+        c_arch = ClassifierArch(in_channels=spec.channels)
+        return build_classifier(c_arch), spec, c_arch.to_dict()
+    spec = segmenter_spec(size, neighbours)
+    s_arch = SegmenterArch(in_channels=spec.channels)
+    return build_segmenter(s_arch), spec, s_arch.to_dict()
+
+
+# --------------------------------------------------------------------------- data
+
+
+def prepare(study: Study, size: int) -> Prepared:
+    """Windows and mask of ``study`` on the model grid."""
+    grid = ModelGrid.for_shape(study.hu.shape, size)
+    win = windows_on_grid(study.hu, grid, MODEL_WINDOWS)
+    windows = (win * 255.0).round_().to(torch.uint8).numpy()
+    mask = None
+    if study.mask is not None:
+        mask = downsample_mask(study.mask, grid)
+    return Prepared(study.study_id, windows, study.slice_labels.astype(np.uint8), mask)
+
+
+def downsample_mask(mask: np.ndarray, grid: ModelGrid) -> np.ndarray:
+    """Subtype codes to the model grid by majority vote (area-averaged one-hot + argmax);
+    :data:`UNKNOWN_SUBTYPE` is its own class."""
+    out = np.empty((mask.shape[0], grid.size, grid.size), np.uint8)
+    codes = mask.astype(np.int64)
+    codes[codes == UNKNOWN_SUBTYPE] = N_CLASSES
+    for a in range(0, mask.shape[0], 16):
+        part = torch.from_numpy(codes[a:a + 16])
+        onehot = F.one_hot(part, N_CLASSES + 1).permute(0, 3, 1, 2).float()
+        small = grid.to_model(onehot).argmax(dim=1).to(torch.uint8)
+        small[small == N_CLASSES] = UNKNOWN_SUBTYPE
+        out[a:a + 16] = small.numpy()
+    return out
+
+
+def _is_validation(study_id: str, fraction: float) -> bool:
+    h = int(hashlib.sha256(study_id.encode()).hexdigest()[:8], 16)
+    return (h % 10_000) < fraction * 10_000
+
+
+def load_data(opts: TrainOptions) -> tuple[list[Prepared], list[Prepared]]:
+    """Prepared training and validation studies."""
+    def prep(studies: Any, desc: str) -> list[Prepared]:
+        return [prepare(s, opts.size) for s in tqdm(studies, desc=desc, unit="study",
+                                                    disable=None)]
+    if opts.data is None:
+        if opts.fmt != "phantom":
+            raise TrainingError(f"format {opts.fmt!r} needs --data")
+        # Disjoint seeds: training from seed*10^6, validation from seed*10^6 + 500000.
+        base = opts.seed * 1_000_000
+        train = prep(iter_studies(None, "phantom", n=opts.n_train, seed=base,
+                                  matrix=opts.matrix, **opts.phantom_options), "phantom train")
+        val = prep(iter_studies(None, "phantom", n=opts.n_val, seed=base + 500_000,
+                                matrix=opts.matrix, **opts.phantom_options), "phantom val")
+    else:
+        train, val = [], []
+        for study in tqdm(iter_studies(Path(opts.data), opts.fmt), desc="prepare",
+                          unit="study", disable=None):
+            (val if _is_validation(study.study_id, opts.val_fraction) else train).append(
+                prepare(study, opts.size))
+    return train, val
+
+
+def _as_float(windows: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(windows)).float().div_(255.0)
+
+
+def _augment(x: torch.Tensor, rng: np.random.Generator, y: torch.Tensor | None = None,
+             max_shift: int = 6) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Same left-right flip and in-plane shift for input (..., H, W) and target (..., H, W)."""
+    if rng.random() < 0.5:
+        x = x.flip(-1)
+        y = y.flip(-1) if y is not None else None
+    dy, dx = (int(v) for v in rng.integers(-max_shift, max_shift + 1, size=2))
+    x = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
+    y = torch.roll(y, shifts=(dy, dx), dims=(-2, -1)) if y is not None else None
+    return x, y
+
+
+def classifier_batch(studies: list[Prepared], spec: InputSpec, opts: TrainOptions,
+                     rng: np.random.Generator, augment: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x (B, Z, C, s, s), valid (B, Z), slice targets (B, Z, 6), series targets (B, 6))."""
+    picks = [studies[int(i)] for i in rng.integers(0, len(studies), size=opts.batch)]
+    runs = []
+    for p in picks:
+        z = p.windows.shape[0]
+        n = min(opts.seq_len, z)
+        start = int(rng.integers(0, z - n + 1))
+        lo, hi = max(0, start - spec.neighbours), min(z, start + n + spec.neighbours)
+        win = _as_float(p.windows[lo:hi])
+        x = slice_inputs(win, spec, np.arange(start - lo, start - lo + n))
+        if augment:
+            x, _ = _augment(x, rng)
+        runs.append((x, torch.from_numpy(p.slice_labels[start:start + n]).float()))
+    zmax = max(r[0].shape[0] for r in runs)
+    b = len(runs)
+    x = torch.zeros((b, zmax, spec.channels, spec.size, spec.size))
+    valid = torch.zeros((b, zmax), dtype=torch.bool)
+    ys = torch.zeros((b, zmax, len(LABELS)))
+    for i, (xi, yi) in enumerate(runs):
+        x[i, :len(xi)] = xi
+        valid[i, :len(xi)] = True
+        ys[i, :len(yi)] = yi
+    return x, valid, ys, ys.amax(dim=1)
+
+
+def segmenter_batch(studies: list[Prepared], spec: InputSpec, opts: TrainOptions,
+                    rng: np.random.Generator, positives: list[tuple[int, int]],
+                    everything: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x (B, C, s, s), target (B, s, s) int64 with UNKNOWN_SUBTYPE kept)."""
+    xs, ys = [], []
+    for _ in range(opts.batch):
+        pool = positives if positives and rng.random() < opts.positive_fraction else everything
+        si, k = pool[int(rng.integers(0, len(pool)))]
+        p = studies[si]
+        assert p.mask is not None
+        lo, hi = max(0, k - spec.neighbours), min(p.windows.shape[0], k + spec.neighbours + 1)
+        x = slice_inputs(_as_float(p.windows[lo:hi]), spec, np.array([k - lo]))[0]
+        y = torch.from_numpy(p.mask[k].astype(np.int64))
+        x, y2 = _augment(x, rng, y)
+        assert y2 is not None
+        xs.append(x)
+        ys.append(y2)
+    return torch.stack(xs), torch.stack(ys)
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def label_weights() -> torch.Tensor:
+    """RSNA metric weights (any x2), normalised to sum to the number of labels."""
+    w = torch.tensor([2.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    return w * len(w) / w.sum()
+
+
+def pos_weights(studies: list[Prepared]) -> tuple[torch.Tensor, torch.Tensor]:
+    """BCE pos_weight per label: negatives / positives, clipped to [1, 50], per slice and
+    per series."""
+    sl = np.concatenate([p.slice_labels for p in studies]).astype(np.float64)
+    se = np.stack([p.slice_labels.max(axis=0) for p in studies]).astype(np.float64)
+
+    def ratio(y: np.ndarray) -> torch.Tensor:
+        pos = y.sum(axis=0)
+        neg = len(y) - pos
+        return torch.tensor(np.clip(neg / np.maximum(pos, 1.0), 1.0, 50.0), dtype=torch.float32)
+    return ratio(sl), ratio(se)
+
+
+def classifier_loss(slice_logits: torch.Tensor, series_logits: torch.Tensor,
+                    valid: torch.Tensor, y_slice: torch.Tensor, y_series: torch.Tensor,
+                    pw_slice: torch.Tensor, pw_series: torch.Tensor) -> torch.Tensor:
+    """Weighted BCE per slice (valid slices only) + weighted BCE per series."""
+    lw = label_weights().to(slice_logits.device)
+    per = F.binary_cross_entropy_with_logits(slice_logits, y_slice, pos_weight=pw_slice,
+                                             reduction="none")
+    slice_term = (per * lw).mean(-1)[valid].mean()
+    ser = F.binary_cross_entropy_with_logits(series_logits, y_series, pos_weight=pw_series,
+                                             reduction="none")
+    return slice_term + (ser * lw).mean()
+
+
+def class_weights(studies: list[Prepared]) -> torch.Tensor:
+    """Cross-entropy class weights: inverse square root of voxel frequency, background 1,
+    capped at 20."""
+    counts = np.zeros(N_CLASSES)
+    for p in studies:
+        assert p.mask is not None
+        counts += np.bincount(p.mask.ravel()[p.mask.ravel() < N_CLASSES],
+                              minlength=N_CLASSES)[:N_CLASSES]
+    freq = counts / max(counts.sum(), 1.0)
+    w = np.sqrt(freq[0] / np.maximum(freq, 1e-9))
+    w[counts == 0] = 1.0
+    return torch.tensor(np.clip(w, 1.0, 20.0), dtype=torch.float32)
+
+
+def segmenter_loss(logits: torch.Tensor, target: torch.Tensor, weights: torch.Tensor,
+                   smooth: float = 1.0) -> torch.Tensor:
+    """Class-weighted CE (unknown-subtype voxels ignored) + mean soft Dice of the subtypes
+    (over known voxels) + soft Dice of all blood (unknown voxels count as blood)."""
+    logits = logits.float()
+    known = target != UNKNOWN_SUBTYPE
+    ce = F.cross_entropy(logits, target.masked_fill(~known, -100), weight=weights.to(
+        logits.device), ignore_index=-100)
+    prob = torch.softmax(logits, dim=1)
+    onehot = F.one_hot(target.clamp(max=N_CLASSES - 1) * known, N_CLASSES).permute(0, 3, 1, 2)
+    k = known[:, None].float()
+    inter = (prob[:, 1:] * onehot[:, 1:] * k).sum(dim=(0, 2, 3))
+    denom = (prob[:, 1:] * k).sum(dim=(0, 2, 3)) + (onehot[:, 1:] * k).sum(dim=(0, 2, 3))
+    sub_dice = 1.0 - (2.0 * inter + smooth) / (denom + smooth)
+    fg_p = 1.0 - prob[:, 0]
+    fg_t = (target > 0).float()
+    fg_dice = 1.0 - (2.0 * (fg_p * fg_t).sum() + smooth) / (fg_p.sum() + fg_t.sum() + smooth)
+    return ce + sub_dice.mean() + fg_dice
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@torch.no_grad()
+def validate_classifier(model: SliceSeriesClassifier, studies: list[Prepared],
+                        spec: InputSpec, device: torch.device, min_sensitivity: float,
+                        batch: int = 32) -> dict[str, Any]:
+    """Whole-series validation: AUCs, weighted log loss and operating points."""
+    model.eval()
+    sp, sy, pp, py = [], [], [], []
+    for p in studies:
+        win = _as_float(p.windows)
+        z = win.shape[0]
+        emb = torch.cat([model.encode(slice_inputs(win, spec, np.arange(a, min(a + batch, z)))
+                                      .to(device)) for a in range(0, z, batch)])
+        sl, se = model.sequence(emb[None])
+        pp.append(torch.sigmoid(sl[0]).cpu().numpy())
+        py.append(p.slice_labels)
+        sp.append(torch.sigmoid(se[0]).cpu().numpy())
+        sy.append(p.slice_labels.max(axis=0))
+    ps, ys, pl, yl = np.stack(sp), np.stack(sy), np.concatenate(pp), np.concatenate(py)
+    out: dict[str, Any] = {"auc_series": {}, "auc_slice": {}, "operating_points": {}}
+    for i, name in enumerate(LABELS):
+        out["auc_series"][name] = roc_auc(ys[:, i], ps[:, i])
+        out["auc_slice"][name] = roc_auc(yl[:, i], pl[:, i])
+        out["operating_points"][name] = operating_point(ys[:, i], ps[:, i], min_sensitivity)
+    out["weighted_log_loss_slice"] = weighted_log_loss(yl, pl)
+    out["weighted_log_loss_series"] = weighted_log_loss(ys, ps)
+    aucs = [v for v in out["auc_series"].values() if v is not None]
+    aucs += [v for v in out["auc_slice"].values() if v is not None]
+    out["score"] = float(np.mean(aucs)) - 0.01 * out["weighted_log_loss_slice"] if aucs else \
+        -out["weighted_log_loss_slice"]
+    return out
+
+
+@torch.no_grad()
+def validate_segmenter(model: Segmenter, studies: list[Prepared], spec: InputSpec,
+                       device: torch.device, batch: int = 32) -> dict[str, Any]:
+    """Dice per class on the model grid, pooled over the validation studies."""
+    model.eval()
+    dices: dict[str, list[float]] = {name: [] for name in (*LABELS[1:], "all")}
+    for p in studies:
+        assert p.mask is not None
+        win = _as_float(p.windows)
+        z = win.shape[0]
+        pred = torch.cat([model(slice_inputs(win, spec, np.arange(a, min(a + batch, z)))
+                                .to(device)).argmax(1).cpu() for a in range(0, z, batch)])
+        ref = torch.from_numpy(p.mask.astype(np.int64))
+        known = ref != UNKNOWN_SUBTYPE
+        for code, name in enumerate(LABELS[1:], start=1):
+            d = dice((ref == code).numpy(), ((pred == code) & known).numpy())
+            if d is not None and (ref == code).any():
+                dices[name].append(d)
+        d = dice((ref > 0).numpy(), (pred > 0).numpy())
+        if d is not None and (ref > 0).any():
+            dices["all"].append(d)
+    out: dict[str, Any] = {"dice": {k: (float(np.mean(v)) if v else None)
+                                    for k, v in dices.items()}}
+    sub = [v for k, v in out["dice"].items() if v is not None and k != "all"]
+    out["score"] = float(np.mean(sub)) if sub else 0.0
+    return out
+
+
+# --------------------------------------------------------------------------- loop
+
+
+def _device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("--device cuda but torch sees no CUDA device")
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=lambda o: o.item() if hasattr(o, "item")
+                                 else str(o)))
+
+
+def train(kind: Kind, data: Path | None, fmt: DataFormat, out: Path, *, epochs: int = 20,
+          batch: int = 4, lr: float = 2e-3, seed: int = 0, size: int = 128,
+          resume: bool = False, neighbours: int = 1, seq_len: int = 24,
+          steps_per_epoch: int = 0, n_train: int = 120, n_val: int = 24, matrix: int = 128,
+          max_minutes: float = 0.0, device: Literal["auto", "cpu", "cuda"] = "auto",
+          command: str = "", phantom_options: dict[str, Any] | None = None,
+          studies: Sequence[Study] | None = None, val_studies: Sequence[Study] | None = None
+          ) -> TrainResult:
+    """Train ``kind`` and write ``out/last.pt``, ``out/best.pt`` and ``out/best.json``.
+
+    See the module docstring; ``phantom_options`` go to the phantom generator.
+    ``studies`` / ``val_studies`` replace the data source (tests, notebooks).
+    Raises :class:`TrainingError` when the data or a checkpoint to resume is unusable.
+    """
+    opts = TrainOptions(kind=kind, fmt=fmt, data=str(data) if data else None, epochs=epochs,
+                        batch=batch, lr=lr, seed=seed, size=size, neighbours=neighbours,
+                        seq_len=seq_len, steps_per_epoch=steps_per_epoch, n_train=n_train,
+                        n_val=n_val, matrix=matrix, max_minutes=max_minutes, device=device,
+                        command=command, phantom_options=dict(phantom_options or {}))
+    given = None
+    if studies is not None:
+        given = ([prepare(s, size) for s in studies],
+                 [prepare(s, size) for s in (val_studies if val_studies is not None
+                                             else studies)])
+    return run_training(opts, out, resume, given)
+
+
+def run_training(opts: TrainOptions, out: Path, resume: bool = False,
+                 data: tuple[list[Prepared], list[Prepared]] | None = None) -> TrainResult:
+    """:func:`train` with its options gathered (``data``: prepared studies to use)."""
+    t_start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    dev = _device(opts.device)
+    if dev.type == "cpu":
+        torch.set_num_threads(cpu_threads())
+    torch.manual_seed(opts.seed)
+    rng = np.random.default_rng(opts.seed)
+    net, spec, arch = new_network(opts.kind, opts.size, opts.neighbours)
+    net.to(dev)
+    train_set, val_set = data if data is not None else load_data(opts)
+    if opts.kind == "segmenter":
+        train_set = [p for p in train_set if p.mask is not None]
+        val_set = [p for p in val_set if p.mask is not None]
+    if not train_set or not val_set:
+        raise TrainingError(f"need training and validation studies for the {opts.kind}, got "
+                            f"{len(train_set)} and {len(val_set)} (segmenter: only studies "
+                            "with masks)")
+    LOGGER.info("%s: %d training and %d validation studies, %d + %d slices", opts.kind,
+                len(train_set), len(val_set), sum(len(p.slice_labels) for p in train_set),
+                sum(len(p.slice_labels) for p in val_set))
+
+    positives: list[tuple[int, int]] = []
+    everything: list[tuple[int, int]] = []
+    if opts.kind == "classifier":
+        steps = opts.steps_per_epoch or math.ceil(len(train_set) / opts.batch)
+        pw_slice, pw_series = (t.to(dev) for t in pos_weights(train_set))
+    else:
+        for si, p in enumerate(train_set):
+            assert p.mask is not None
+            has = np.asarray((p.mask > 0).any(axis=(1, 2)))
+            positives += [(si, int(k)) for k in np.flatnonzero(has)]
+            everything += [(si, k) for k in range(has.shape[0])]
+        steps = opts.steps_per_epoch or math.ceil(len(positives) / opts.batch)
+        cw = class_weights(train_set).to(dev)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=opts.lr, weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=opts.lr, total_steps=max(opts.epochs * steps, 1), pct_start=0.15)
+    use_amp = dev.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    first_epoch, best_score, best_epoch = 0, -math.inf, -1
+    history: list[dict[str, Any]] = []
+    if resume and last_path.is_file():
+        ckpt = torch.load(last_path, map_location=dev, weights_only=False)
+        saved = ckpt.get("options", {})
+        for key in ("kind", "size", "neighbours"):
+            if saved.get(key) != getattr(opts, key):
+                raise TrainingError(f"{last_path}: checkpoint has {key}={saved.get(key)!r}, "
+                                    f"this run asks for {getattr(opts, key)!r}")
+        net.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        first_epoch, best_score, best_epoch = ckpt["epoch"] + 1, ckpt["best_score"], \
+            ckpt["best_epoch"]
+        history = list(ckpt["history"])
+        rng = np.random.default_rng()
+        rng.bit_generator.state = ckpt["rng"]
+        torch.set_rng_state(ckpt["torch_rng"])
+        LOGGER.info("resumed from %s at epoch %d (best %.4f at epoch %d)", last_path,
+                    first_epoch, best_score, best_epoch)
+    elif resume:
+        LOGGER.warning("--resume: %s does not exist, starting afresh", last_path)
+
+    epoch = first_epoch - 1
+    for epoch in range(first_epoch, opts.epochs):
+        net.train()
+        t0 = time.perf_counter()
+        losses = []
+        bar = tqdm(range(steps), desc=f"{opts.kind} epoch {epoch + 1}/{opts.epochs}",
+                   unit="step", disable=None)
+        for _ in bar:
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=use_amp):
+                if isinstance(net, SliceSeriesClassifier):
+                    x, valid, ys, yser = classifier_batch(train_set, spec, opts, rng)
+                    sl, se = net(x.to(dev), valid.to(dev))
+                    loss = classifier_loss(sl, se, valid.to(dev), ys.to(dev), yser.to(dev),
+                                           pw_slice, pw_series)
+                else:
+                    assert isinstance(net, Segmenter)
+                    x, y = segmenter_batch(train_set, spec, opts, rng, positives, everything)
+                    loss = segmenter_loss(net(x.to(dev)), y.to(dev), cw)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        if isinstance(net, SliceSeriesClassifier):
+            val = validate_classifier(net, val_set, spec, dev, opts.min_sensitivity)
+        else:
+            assert isinstance(net, Segmenter)
+            val = validate_segmenter(net, val_set, spec, dev)
+        record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)),
+                  "seconds": round(time.perf_counter() - t0, 1), **_jsonable(val)}
+        history.append(record)
+        improved = val["score"] > best_score
+        if improved:
+            best_score, best_epoch = float(val["score"]), epoch + 1
+            _save_best(net, spec, arch, opts, val, record, train_set, val_set, best_path)
+        torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                    "epoch": epoch, "best_score": best_score, "best_epoch": best_epoch,
+                    "history": history, "rng": rng.bit_generator.state,
+                    "torch_rng": torch.get_rng_state(), "options": asdict(opts),
+                    "spec": spec.to_dict(), "architecture": arch},
+                   out / ".last.pt.tmp")
+        (out / ".last.pt.tmp").replace(last_path)
+        (out / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+        LOGGER.info("%s epoch %d: loss %.4f, score %.4f%s (%.0fs)", opts.kind, epoch + 1,
+                    record["train_loss"], val["score"], " (best)" if improved else "",
+                    record["seconds"])
+        if opts.max_minutes and time.perf_counter() - t_start > 60.0 * opts.max_minutes:
+            LOGGER.warning("stopping after epoch %d: max_minutes %.1f reached", epoch + 1,
+                           opts.max_minutes)
+            break
+    return TrainResult(out, best_path, last_path, best_epoch, best_score,
+                       epoch + 1, history)
+
+
+def _save_best(net: nn.Module, spec: InputSpec, arch: dict[str, Any], opts: TrainOptions,
+               val: dict[str, Any], record: dict[str, Any], train_set: list[Prepared],
+               val_set: list[Prepared], path: Path) -> WeightsMeta:
+    if opts.data is None:
+        data = (f"synthetic phantom (pipeline.phantom) generated in memory: "
+                f"{len(train_set)} training studies from seed {opts.seed * 1_000_000}, "
+                f"{len(val_set)} validation studies from seed {opts.seed * 1_000_000 + 500_000}, "
+                f"{opts.matrix} px matrix")
+    else:
+        data = (f"{opts.fmt} data in {opts.data}: {len(train_set)} training / {len(val_set)} "
+                "validation series (split by sha256 of the series id)")
+    metrics = {k: v for k, v in record.items() if k not in ("operating_points",)}
+    meta = WeightsMeta(
+        kind=opts.kind, name=f"ich-{'demo-' if opts.fmt == 'phantom' else ''}{opts.kind}",
+        version=MODEL_VERSION, spec=spec, architecture=arch, demo=opts.fmt == "phantom",
+        operating_points=({k: float(v) for k, v in val["operating_points"].items()}
+                          if "operating_points" in val else {}),
+        training={"data": data, "format": opts.fmt, "command": opts.command,
+                  "options": _jsonable(asdict(opts)), "epoch": record["epoch"],
+                  "torch": torch.__version__,
+                  "operating_point_rule": f"highest threshold with validation sensitivity >= "
+                                          f"{opts.min_sensitivity} per series"},
+        metrics={"validation": _jsonable(metrics)})
+    return save_weights(net.state_dict(), path, meta)
