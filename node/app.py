@@ -54,7 +54,9 @@ class Node:
         cfg = self.config
         check_runtime(cfg)
         self.db = db = StateDB(cfg.spool.path)
-        self.spool = DiskSpool(cfg.spool.path, db, cfg.spool.fsync,
+        # The files are the spool's truth (fsynced before the row is committed): see node.db.
+        self._spool_db = StateDB(cfg.spool.path, synchronous="NORMAL")
+        self.spool = DiskSpool(cfg.spool.path, self._spool_db, cfg.spool.fsync,
                                cfg.assembly.rerun_on_late_instances)
         self.jobs = SqliteJobQueue(db, cfg.worker.max_job_attempts)
         self.outbound = SqliteOutboundQueue(db, cfg.outbound.max_attempts,
@@ -135,6 +137,7 @@ class Node:
             self._http.stop()
         if self.db is not None:
             self.db.close()
+            self._spool_db.close()
         LOGGER.info("stopped")
 
     def _drain_associations(self) -> None:

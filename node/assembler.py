@@ -41,12 +41,18 @@ class SeriesAssembler:
         self._lock = threading.Lock()
         self._delivering: dict[str, set[int]] = {}
         self._by_assoc: dict[int, set[str]] = {}
+        self._armed: set[str] = set()  # series with a pending check; check() re-arms itself
 
     def instance_arrived(self, series_uid: str, calling_ae: str, assoc_id: int) -> None:
-        """An instance of *series_uid* was spooled: restart its quiet period."""
+        """An instance of *series_uid* was spooled. The quiet period runs from the last
+        arrival recorded in the database, so a pending check is left as it is: when it
+        fires too early it re-arms itself for the rest of the period."""
         with self._lock:
             self._delivering.setdefault(series_uid, set()).add(assoc_id)
             self._by_assoc.setdefault(assoc_id, set()).add(series_uid)
+            if series_uid in self._armed:
+                return
+            self._armed.add(series_uid)
         self._schedule(series_uid, self.config.quiet_for(calling_ae), early=False)
 
     def association_ended(self, assoc_id: int, released: bool) -> None:
@@ -71,10 +77,16 @@ class SeriesAssembler:
                                   " WHERE state = 'receiving'")
         for row in rows:
             remaining = row["last_received_at"] + self.config.quiet_for(row["calling_ae"]) - now()
+            with self._lock:
+                self._armed.add(row["series_uid"])
             self._schedule(row["series_uid"], max(0.0, remaining), early=False)
         if rows:
             LOGGER.info("resumed assembly of %d series", len(rows))
         return len(rows)
+
+    def _disarm(self, series_uid: str) -> None:
+        with self._lock:
+            self._armed.discard(series_uid)
 
     def _schedule(self, series_uid: str, delay_s: float, early: bool) -> None:
         self.scheduler.add_job(
@@ -85,9 +97,12 @@ class SeriesAssembler:
 
     def check(self, series_uid: str, early: bool = False) -> int | None:
         """Turn the series into a job if it has been quiet long enough; else re-arm."""
+        with self._lock:
+            self._armed.add(series_uid)  # armed until this check decides
         rows = self.jobs.db.query("SELECT state, calling_ae, last_received_at FROM series"
                                   " WHERE series_uid = ?", (series_uid,))
         if not rows or rows[0]["state"] != "receiving":
+            self._disarm(series_uid)
             return None
         row = rows[0]
         quiet = self.config.quiet_for(row["calling_ae"])
@@ -101,6 +116,7 @@ class SeriesAssembler:
         if idle + _EPSILON_S < threshold:
             self._schedule(series_uid, threshold - idle, early)
             return None
+        self._disarm(series_uid)
         job_id = self.jobs.create_for_series(series_uid)
         if job_id is not None:
             self.metrics.series_completed.inc()

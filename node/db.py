@@ -2,9 +2,13 @@
 
 Every instance, series, job and outbound result is in exactly one state
 (the state machines are in :mod:`node.spool`, :mod:`node.jobs` and
-:mod:`node.sender`). WAL journal with ``synchronous=FULL``: a commit is on disk
-before the C-STORE response leaves. Each thread or process opens its own
-:class:`StateDB`; a lock serialises the threads that share one.
+:mod:`node.sender`). WAL journal; ``synchronous=FULL`` (each commit on disk) for
+jobs and outbound results. The spool's own connection uses ``synchronous=NORMAL``:
+an instance is safe once its file and folder are fsynced, which happens before its
+row is committed; a process crash loses no committed row (WAL), and the few rows a
+power cut may lose are rebuilt from the files by :meth:`node.spool.DiskSpool.recover`
+at start-up. Each thread or process opens its own :class:`StateDB`; a lock
+serialises the threads that share one.
 """
 
 from __future__ import annotations
@@ -32,7 +36,6 @@ CREATE TABLE IF NOT EXISTS instances (
     study_uid TEXT NOT NULL,
     series_uid TEXT NOT NULL,
     path TEXT NOT NULL,
-    sha256 TEXT NOT NULL,
     size INTEGER NOT NULL,
     calling_ae TEXT NOT NULL,
     received_at REAL NOT NULL
@@ -105,7 +108,8 @@ def db_path(spool_dir: Path) -> Path:
 class StateDB:
     """A connection to the state database, safe to share between threads."""
 
-    def __init__(self, spool_dir: Path, create: bool = True) -> None:
+    def __init__(self, spool_dir: Path, create: bool = True,
+                 synchronous: str = "FULL") -> None:
         path = db_path(spool_dir)
         if not create and not path.exists():
             raise FileNotFoundError(f"no node state at {path} (has the node run with this spool?)")
@@ -115,7 +119,9 @@ class StateDB:
                                      check_same_thread=False)
         self._conn.row_factory = sqlite3.Row
         self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
+        if synchronous not in ("FULL", "NORMAL"):
+            raise ValueError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
+        self._conn.execute(f"PRAGMA synchronous={synchronous}")
         self._conn.execute("PRAGMA busy_timeout=30000")
         if create:
             self._conn.executescript(_SCHEMA)

@@ -13,16 +13,19 @@ import logging
 import shutil
 import time
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import cast
 
 from pydicom import Dataset
+from pydicom.filereader import read_dataset
 from pydicom.uid import UID
-from pynetdicom import evt
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.dimse_primitives import C_STORE
 
 from node.assembler import SeriesAssembler
 from node.config import DicomConfig
+from node.filemeta import PREAMBLE, encode_file_meta
 from node.metrics import NodeMetrics
 from node.spool import InstanceHeader, Spool, StoreOutcome
 
@@ -152,24 +155,55 @@ def _header(ds: Dataset, request: C_STORE) -> InstanceHeader:
     return header
 
 
-def _check_pixel_data(ds: Dataset, transfer_syntax: str) -> None:
+_PIXEL_DATA_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})  # integer, float, double
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def _parse_header(event: evt.Event) -> tuple[Dataset, int | None]:
+    """The data set up to its pixel data, and the pixel data's encoded length (None when
+    there is none). Reads the received bytes in place; pixel data is neither copied nor
+    decoded (STYLE: the association thread only spools)."""
+    request = cast(C_STORE, event.request)
+    syntax = event.context.transfer_syntax
+    if syntax.is_deflated:  # the whole stream must be inflated first
+        ds = event.dataset
+        return ds, (len(ds.PixelData) if "PixelData" in ds else None)
+    stream = cast(BytesIO, request.DataSet)
+    stream.seek(0)
+    found: list[int] = []
+
+    def at_pixels(tag: int, vr: str | None, length: int) -> bool:
+        if tag in _PIXEL_DATA_TAGS:
+            found.append(length)
+            return True
+        return False
+
+    ds = read_dataset(stream, syntax.is_implicit_VR, syntax.is_little_endian,
+                      stop_when=at_pixels)
+    return ds, (found[0] if found else None)
+
+
+def _check_pixel_data(ds: Dataset, pixel_length: int | None, transfer_syntax: str) -> None:
     """Pixel data must exist and, for native syntaxes, have the size the header implies.
     Nothing is decoded."""
-    if "PixelData" not in ds:
+    if pixel_length is None:
         raise StoreRejected(CANNOT_UNDERSTAND_PIXEL_DATA, "data set has no Pixel Data",
                             "no_pixel_data")
     if transfer_syntax not in _NATIVE_SYNTAXES:
         return
+    if pixel_length == _UNDEFINED_LENGTH:
+        raise StoreRejected(CANNOT_UNDERSTAND_PIXEL_DATA,
+                            "encapsulated Pixel Data in a native transfer syntax",
+                            "pixel_data_size")
     try:
         expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
                     * int(ds.get("NumberOfFrames", 1) or 1) * int(ds.BitsAllocated)) // 8
     except (AttributeError, TypeError, ValueError) as exc:
         raise StoreRejected(CANNOT_UNDERSTAND_PIXEL_DATA,
                             f"image pixel module incomplete: {exc}", "bad_pixel_module") from exc
-    actual = len(ds.PixelData)
-    if actual < expected:
+    if pixel_length < expected:
         raise StoreRejected(CANNOT_UNDERSTAND_PIXEL_DATA,
-                            f"Pixel Data has {actual} bytes, the header implies {expected}",
+                            f"Pixel Data has {pixel_length} bytes, the header implies {expected}",
                             "pixel_data_size")
 
 
@@ -188,9 +222,9 @@ def handle_store(event: evt.Event, spool: Spool, assembler: SeriesAssembler,
         return SUCCESS
     try:
         try:
-            ds = event.dataset
+            ds, pixel_length = _parse_header(event)
             header = _header(ds, request)
-            _check_pixel_data(ds, str(event.context.transfer_syntax))
+            _check_pixel_data(ds, pixel_length, str(event.context.transfer_syntax))
         except StoreRejected:
             raise
         except Exception as exc:  # pydicom raises many types on malformed input
@@ -203,7 +237,11 @@ def handle_store(event: evt.Event, spool: Spool, assembler: SeriesAssembler,
                        calling_ae, exc.status, exc, request.AffectedSOPInstanceUID)
         return exc.status
     try:
-        result = spool.store(header, event.encoded_dataset(), calling_ae)
+        meta = encode_file_meta(header.sop_class_uid, header.sop_uid,
+                                 str(event.context.transfer_syntax), PYNETDICOM_IMPLEMENTATION_UID,
+                                 PYNETDICOM_IMPLEMENTATION_VERSION, calling_ae or None)
+        chunks = (PREAMBLE, meta, cast(BytesIO, request.DataSet).getbuffer())
+        result = spool.store(header, chunks, calling_ae)
     except OSError as exc:
         metrics.store_failures.labels(reason="out_of_resources").inc()
         LOGGER.error("C-STORE from %s refused with 0x%04X: cannot write sop=%s to the spool: %s",

@@ -28,6 +28,7 @@ from node.config import NodeConfig
 from node.metrics import NodeMetrics
 from node.sender import set_nodelay
 from node.spool import Spool
+from node.transport import start_listener
 
 LOGGER = logging.getLogger(__name__)
 
@@ -84,9 +85,8 @@ def start_server(config: NodeConfig, spool: Spool, assembler: SeriesAssembler,
     ]
     if config.dicom.tcp_nodelay:
         bindings.append((evt.EVT_CONN_OPEN, set_nodelay))
-    server = ae.start_server((config.dicom.host, config.dicom.port), block=False,
-                             evt_handlers=bindings)
-    assert server is not None and server.socket is not None  # block=False returns the server
+    server = start_listener(ae, (config.dicom.host, config.dicom.port), bindings)
+    assert server.socket is not None
     if config.dicom.tcp_nodelay:
         server.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return ae, server

@@ -22,11 +22,14 @@ import logging
 import os
 import re
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from node.db import StateDB, now
+
+Buffer = bytes | bytearray | memoryview
 
 LOGGER = logging.getLogger(__name__)
 
@@ -51,13 +54,17 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_durably(path: Path, data: bytes, tmp_dir: Path, fsync: bool = True) -> None:
-    """Write *data* to *path* atomically: temp file, fsync, rename, fsync the folder."""
+def write_durably(path: Path, data: bytes | Sequence[Buffer], tmp_dir: Path,
+                  fsync: bool = True) -> None:
+    """Write *data* (bytes, or chunks written in order) to *path* atomically: temp file,
+    fsync, rename, fsync the folder."""
     tmp = tmp_dir / f"{uuid.uuid4().hex}.part"
     created = _makedirs(path.parent)
+    chunks = [data] if isinstance(data, bytes) else data
     try:
         with open(tmp, "wb") as fh:
-            fh.write(data)
+            for chunk in chunks:
+                fh.write(chunk)
             fh.flush()
             if fsync:
                 os.fsync(fh.fileno())
@@ -112,8 +119,9 @@ class StoreResult:
 class Spool(Protocol):
     """Durable storage of received instances (the embedded default is :class:`DiskSpool`)."""
 
-    def store(self, header: InstanceHeader, data: bytes, calling_ae: str) -> StoreResult:
-        """Make *data* durable and record it; raise OSError when the disk fails."""
+    def store(self, header: InstanceHeader, chunks: Sequence[Buffer],
+              calling_ae: str) -> StoreResult:
+        """Make the file made of *chunks* durable and record it; OSError when the disk fails."""
         ...
 
     def series_dir(self, study_uid: str, series_uid: str) -> Path:
@@ -141,28 +149,31 @@ class DiskSpool:
         """The folder that holds the instances of a series."""
         return self.instances_dir / safe_name(study_uid) / safe_name(series_uid)
 
-    def store(self, header: InstanceHeader, data: bytes, calling_ae: str) -> StoreResult:
-        """Write, fsync, rename, fsync the folder, record. Raises OSError on disk failure."""
+    def store(self, header: InstanceHeader, chunks: Sequence[Buffer],
+              calling_ae: str) -> StoreResult:
+        """Write, fsync, rename, fsync the folder, record. Raises OSError on disk failure.
+
+        A SOP Instance UID seen before is compared byte for byte with the spooled file:
+        the same bytes are ignored, different bytes replace it (the newest wins)."""
         series_dir = self.series_dir(header.study_uid, header.series_uid)
         path = series_dir / f"{safe_name(header.sop_uid)}.dcm"
-        digest = hashlib.sha256(data).hexdigest()
-        previous = self.db.query(
-            "SELECT sha256, series_uid FROM instances WHERE sop_uid = ?", (header.sop_uid,)
-        )
-        if previous and previous[0]["sha256"] == digest and path.exists():
+        size = sum(len(c) for c in chunks)
+        previous = self.db.query("SELECT path FROM instances WHERE sop_uid = ?",
+                                 (header.sop_uid,))
+        if previous and _same_bytes(Path(previous[0]["path"]), chunks, size):
             LOGGER.info("duplicate instance ignored (same bytes): sop=%s series=%s from %s",
                         header.sop_uid, header.series_uid, calling_ae)
             return StoreResult(StoreOutcome.DUPLICATE, path, late=False)
-        write_durably(path, data, self.tmp_dir, self.fsync)
+        write_durably(path, chunks, self.tmp_dir, self.fsync)
         outcome = StoreOutcome.REPLACED if previous else StoreOutcome.STORED
         if outcome is StoreOutcome.REPLACED:
             LOGGER.warning("instance replaced by newer bytes with the same SOP Instance UID: "
                            "sop=%s series=%s from %s", header.sop_uid, header.series_uid,
                            calling_ae)
-        late = self.record(header, path, digest, len(data), calling_ae)
+        late = self.record(header, path, size, calling_ae)
         return StoreResult(outcome, path, late)
 
-    def record(self, header: InstanceHeader, path: Path, digest: str, size: int,
+    def record(self, header: InstanceHeader, path: Path, size: int,
                calling_ae: str, received_at: float | None = None) -> bool:
         """Record an arrival and move its series to ``receiving``.
 
@@ -173,31 +184,32 @@ class DiskSpool:
         t = now() if received_at is None else received_at
         series_dir = str(path.parent)
         with self.db.transaction() as cur:
+            known = cur.execute("SELECT series_uid FROM instances WHERE sop_uid = ?",
+                                (header.sop_uid,)).fetchone()
             cur.execute(
                 "INSERT OR REPLACE INTO instances (sop_uid, sop_class_uid, study_uid, series_uid,"
-                " path, sha256, size, calling_ae, received_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                " path, size, calling_ae, received_at) VALUES (?,?,?,?,?,?,?,?)",
                 (header.sop_uid, header.sop_class_uid, header.study_uid, header.series_uid,
-                 str(path), digest, size, calling_ae, t),
+                 str(path), size, calling_ae, t),
             )
-            row = cur.execute("SELECT state FROM series WHERE series_uid = ?",
+            row = cur.execute("SELECT state, instance_count FROM series WHERE series_uid = ?",
                               (header.series_uid,)).fetchone()
-            count = cur.execute("SELECT COUNT(*) FROM instances WHERE series_uid = ?",
-                                (header.series_uid,)).fetchone()[0]
+            added = 0 if known is not None and known["series_uid"] == header.series_uid else 1
             if row is None:
                 cur.execute(
                     "INSERT INTO series (series_uid, study_uid, calling_ae, series_dir, state,"
                     " instance_count, first_received_at, last_received_at)"
                     " VALUES (?,?,?,?, 'receiving', ?, ?, ?)",
-                    (header.series_uid, header.study_uid, calling_ae, series_dir, count, t, t),
+                    (header.series_uid, header.study_uid, calling_ae, series_dir, added, t, t),
                 )
                 return False
             state = row["state"]
             late = state not in ("receiving", "queued")
             new_state = "receiving" if (late and self.rerun_on_late) else state
             cur.execute(
-                "UPDATE series SET instance_count = ?, last_received_at = ?, state = ?,"
-                " calling_ae = ?, purged_at = NULL WHERE series_uid = ?",
-                (count, t, new_state, calling_ae, header.series_uid),
+                "UPDATE series SET instance_count = instance_count + ?, last_received_at = ?,"
+                " state = ?, calling_ae = ?, purged_at = NULL WHERE series_uid = ?",
+                (added, t, new_state, calling_ae, header.series_uid),
             )
         if late:
             if self.rerun_on_late:
@@ -222,13 +234,23 @@ class DiskSpool:
             if str(path) in known:
                 continue
             header = read_header(path)
-            data = path.read_bytes()
-            self.record(header, path, hashlib.sha256(data).hexdigest(), len(data),
-                        calling_ae="(recovered)", received_at=path.stat().st_mtime)
+            stat = path.stat()
+            self.record(header, path, stat.st_size, calling_ae="(recovered)",
+                        received_at=stat.st_mtime)
             recovered += 1
             LOGGER.warning("recovered spooled instance not in the state database: sop=%s",
                            header.sop_uid)
         return recovered
+
+
+def _same_bytes(path: Path, chunks: Sequence[Buffer], size: int) -> bool:
+    """Whether the file at *path* holds exactly the bytes of *chunks*."""
+    try:
+        if path.stat().st_size != size:
+            return False
+        return path.read_bytes() == b"".join(chunks)
+    except FileNotFoundError:
+        return False
 
 
 def read_header(path: Path) -> InstanceHeader:

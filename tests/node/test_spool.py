@@ -30,7 +30,7 @@ def test_crafted_uids_stay_inside_the_spool(tmp_path: Path) -> None:
     db = StateDB(tmp_path)
     spool = DiskSpool(tmp_path, db)
     header = InstanceHeader("../../../../tmp/evil", "1.2.840.10008.5.1.4.1.1.2", "../..", "/etc")
-    result = spool.store(header, b"data", "AE")
+    result = spool.store(header, [b"data"], "AE")
     assert result.path.resolve().is_relative_to((tmp_path / "instances").resolve())
 
 
@@ -61,7 +61,7 @@ def test_retention_purges_done_series_and_keeps_failed_ones_longer(tmp_path: Pat
     for index, state in enumerate(("done", "failed")):
         header = InstanceHeader(f"1.2.3.{index}.1", "1.2.840.10008.5.1.4.1.1.2",
                                 f"1.2.3.{index}", f"1.2.3.{index}.9")
-        spool.store(header, b"x", "AE")
+        spool.store(header, [b"x"], "AE")
         with db.transaction() as cur:
             cur.execute("UPDATE series SET state = ? WHERE series_uid = ?",
                         (state, header.series_uid))
