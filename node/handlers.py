@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import shutil
+import sqlite3
 import time
 from dataclasses import dataclass
 from io import BytesIO
@@ -242,10 +243,11 @@ def handle_store(event: evt.Event, spool: Spool, assembler: SeriesAssembler,
                                  PYNETDICOM_IMPLEMENTATION_VERSION, calling_ae or None)
         chunks = (PREAMBLE, meta, cast(BytesIO, request.DataSet).getbuffer())
         result = spool.store(header, chunks, calling_ae)
-    except OSError as exc:
+    except (OSError, sqlite3.Error) as exc:  # disk full, I/O error, database locked or full
         metrics.store_failures.labels(reason="out_of_resources").inc()
-        LOGGER.error("C-STORE from %s refused with 0x%04X: cannot write sop=%s to the spool: %s",
-                     calling_ae, OUT_OF_RESOURCES, header.sop_uid, exc)
+        LOGGER.error("C-STORE from %s refused with 0x%04X: cannot write sop=%s to the spool: "
+                     "%s: %s", calling_ae, OUT_OF_RESOURCES, header.sop_uid,
+                     type(exc).__name__, exc)
         return OUT_OF_RESOURCES
     metrics.instances_received.labels(outcome=result.outcome.value).inc()
     if result.late:

@@ -4,6 +4,7 @@ one job per series, bad input answered with the right status, the node keeps ser
 from __future__ import annotations
 
 import errno
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -246,14 +247,16 @@ def test_disk_error_returns_out_of_resources_and_node_keeps_serving(
         calls["n"] += 1
         if calls["n"] == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
+        if calls["n"] == 3:
+            raise sqlite3.OperationalError("database or disk is full")
         return real_store(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(node.spool, "store", flaky_store)
     statuses = pynetdicom_send(node.port, series.files)
-    assert statuses == [0, handlers.OUT_OF_RESOURCES, 0, 0]
-    assert _metric(node, "ich_node_store_failures_total", reason="out_of_resources") == 1
+    assert statuses == [0, handlers.OUT_OF_RESOURCES, handlers.OUT_OF_RESOURCES, 0]
+    assert _metric(node, "ich_node_store_failures_total", reason="out_of_resources") == 2
     # the peer re-sends what failed; nothing acknowledged was lost
-    assert pynetdicom_send(node.port, series.files[1:2]) == [0]
+    assert pynetdicom_send(node.port, series.files[1:3]) == [0, 0]
     _assert_received_once(node, series, 4)
 
 
