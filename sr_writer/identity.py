@@ -19,7 +19,9 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
+from typing import Any
 
+from highdicom.enum import SpecificCharacterSetValues
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pydicom.valuerep import DA, TM
@@ -102,14 +104,42 @@ def patched_header(ds: Dataset) -> Dataset:
     return out
 
 
-def character_set(ds: Dataset) -> str | list[str] | None:
-    """SpecificCharacterSet of the source, unchanged (None: the default repertoire)."""
+def source_character_set(ds: Dataset) -> str | list[str] | None:
+    """SpecificCharacterSet of the source exactly as it is (None: default repertoire)."""
     value = ds.get("SpecificCharacterSet")
     if value is None or value == "":
         return None
     if isinstance(value, str):
         return value
-    return [str(v) for v in value]
+    values = [str(v) for v in value]
+    return values[0] if len(values) == 1 else values
+
+
+def character_set_kwargs(ds: Dataset) -> dict[str, Any]:
+    """``specific_character_set`` for a highdicom constructor.
+
+    highdicom validates the value against its list of defined terms and refuses the common
+    Japanese form ``\\ISO 2022 IR 87`` (an empty first value, which PS3.3 C.12.1.1.2 defines
+    as ISO 2022 IR 6). The equivalent ``ISO 2022 IR 6\\ISO 2022 IR 87`` is passed instead,
+    None where highdicom knows no equivalent; :func:`restore_character_set` then writes the
+    source's value verbatim.
+    """
+    value = source_character_set(ds)
+    if isinstance(value, list):
+        value = [v or "ISO 2022 IR 6" for v in value]
+    known = {e.value for e in SpecificCharacterSetValues}
+    parts = [value] if isinstance(value, str) else (value or [])
+    return {"specific_character_set": value if parts and set(parts) <= known else None}
+
+
+def restore_character_set(out: Dataset, source: Dataset) -> None:
+    """Give ``out`` the source's SpecificCharacterSet verbatim (text is encoded on write)."""
+    value = source_character_set(source)
+    if value is None:
+        if "SpecificCharacterSet" in out:
+            del out.SpecificCharacterSet
+    else:
+        out.SpecificCharacterSet = value
 
 
 def date_time(now: datetime.datetime) -> tuple[DA, TM]:

@@ -32,7 +32,13 @@ from pipeline.volume import Volume
 from pipeline.windowing import apply_window
 from sr_writer import codes, wording
 from sr_writer.config import ResultsConfig
-from sr_writer.identity import ResultUids, date_time, stamp_creation
+from sr_writer.identity import (
+    ResultUids,
+    character_set_kwargs,
+    date_time,
+    restore_character_set,
+    stamp_creation,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -291,10 +297,15 @@ def _sc(pixels: np.ndarray, ref: Dataset, number: int, kind: str, config: Result
         series_date=da,
         series_time=tm,
         institution_name=config.institution_name,
+        **character_set_kwargs(ref),
     )
+    restore_character_set(sc, ref)
     sc.ConversionType = "WSD"  # workstation: rendered, not digitised
     sc.DateOfSecondaryCapture = da
     sc.TimeOfSecondaryCapture = tm
+    # General Series: without BodyPartExamined a validator cannot tell that Laterality
+    # (Type 2C, paired structures only) is not needed.
+    sc.BodyPartExamined = str(ref.get("BodyPartExamined", "") or "HEAD")[:16]
     sc.BurnedInAnnotation = "YES"
     sc.RecognizableVisualFeatures = "NO"
     sc.LossyImageCompression = "00"

@@ -34,9 +34,11 @@ from sr_writer import codes
 from sr_writer.config import ResultsConfig
 from sr_writer.identity import (
     ResultUids,
+    character_set_kwargs,
     date_time,
     device_serial_number,
     patched_header,
+    restore_character_set,
     software_versions,
     stamp_creation,
 )
@@ -276,7 +278,10 @@ def build_segmentation(source_datasets: Sequence[Dataset], volume: Volume,
         series_date=da,
         series_time=tm,
         institution_name=config.institution_name,
+        **character_set_kwargs(source_images[0]),
     )
+    restore_character_set(seg, source_images[0])
+    seg.BodyPartExamined = str(source_images[0].get("BodyPartExamined", "") or "HEAD")[:16]
     stamp_creation(seg, now)
     LOGGER.info("SEG %s: %d segment(s) %s on %d of %d source frame(s)", seg.SOPInstanceUID,
                 len(present_on_source), present_on_source,

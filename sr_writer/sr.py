@@ -35,10 +35,12 @@ from sr_writer import codes, wording
 from sr_writer.config import ResultsConfig
 from sr_writer.identity import (
     ResultUids,
+    character_set_kwargs,
     date_time,
     device_serial_number,
     device_uid,
     patched_header,
+    restore_character_set,
     software_versions,
     stamp_creation,
 )
@@ -228,7 +230,9 @@ def build_sr(ct_headers: Sequence[Dataset], volume: Volume, findings: Findings,
         coding_schemes=[CodingSchemeIdentificationItem(
             designator=codes.PRIVATE_SCHEME, name=codes.PRIVATE_SCHEME_NAME,
             responsible_organization=codes.PRIVATE_SCHEME_RESPONSIBLE)],
+        **character_set_kwargs(images[0]),
     )
+    restore_character_set(sr, images[0])
     stamp_creation(sr, now)
     LOGGER.info("SR %s: %d measurement group(s), %d image(s) in the library",
                 sr.SOPInstanceUID, len(measurements), len(images))

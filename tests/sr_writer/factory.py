@@ -15,8 +15,15 @@ from pydicom.dataset import Dataset
 from scipy import ndimage
 
 from pipeline.config import VolumeConfig
-from pipeline.findings import (LABELS, SUBTYPE_CODE, SUBTYPES, Findings, LabelFinding, Lesion,
-                               ModelIdentity)
+from pipeline.findings import (
+    LABELS,
+    SUBTYPE_CODE,
+    SUBTYPES,
+    Findings,
+    LabelFinding,
+    Lesion,
+    ModelIdentity,
+)
 from pipeline.volume import Volume, build_volume
 from tests.pipeline.ctfactory import SeriesSpec, write_series
 
