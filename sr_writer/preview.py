@@ -39,6 +39,7 @@ from sr_writer.identity import (
     restore_character_set,
     stamp_creation,
 )
+from sr_writer.seg import SourcePlane
 
 LOGGER = logging.getLogger(__name__)
 
@@ -273,9 +274,25 @@ def key_slices(findings: Findings, limit: int) -> list[int]:
     return sorted(chosen)
 
 
+def source_plane_of_slice(volume: Volume, planes: Sequence[SourcePlane],
+                          k: int) -> SourcePlane | None:
+    """The source frame that volume slice ``k`` was taken from (None for interpolated
+    slices): the frame of its SOP instance nearest to the slice along the slice normal."""
+    sop = volume.source_sop_uids[k]
+    if sop is None:
+        return None
+    direction = np.asarray(volume.image.GetDirection(), dtype=float).reshape(3, 3)
+    point = np.asarray(volume.image.TransformIndexToPhysicalPoint((0, 0, k)), dtype=float)
+    candidates = [p for p in planes if p.sop_uid == sop]
+    if not candidates:
+        return None
+    return min(candidates,
+               key=lambda p: abs(float((p.position - point) @ direction[:, 2])))
+
+
 def _sc(pixels: np.ndarray, ref: Dataset, number: int, kind: str, config: ResultsConfig,
         uids: ResultUids, now: datetime.datetime, orientation: tuple[str, str],
-        description: str, source: Dataset | None) -> hd.sc.SCImage:
+        description: str, source: SourcePlane | None) -> hd.sc.SCImage:
     da, tm = date_time(now)
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=ref,
@@ -313,14 +330,16 @@ def _sc(pixels: np.ndarray, ref: Dataset, number: int, kind: str, config: Result
     sc.DerivationDescription = description
     if source is not None:
         item = Dataset()
-        item.ReferencedSOPClassUID = source.SOPClassUID
-        item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+        item.ReferencedSOPClassUID = source.dataset.SOPClassUID
+        item.ReferencedSOPInstanceUID = source.dataset.SOPInstanceUID
+        if source.frame is not None:
+            item.ReferencedFrameNumber = source.frame + 1
         sc.SourceImageSequence = [item]
     stamp_creation(sc, now)
     return sc
 
 
-def build_previews(ref: Dataset, ct_by_sop: dict[str, Dataset], volume: Volume,
+def build_previews(ref: Dataset, planes: Sequence[SourcePlane], volume: Volume,
                    findings: Findings, series: SeriesInfo, config: ResultsConfig,
                    uids: ResultUids, now: datetime.datetime,
                    notes: Sequence[str]) -> list[hd.sc.SCImage]:
@@ -331,8 +350,7 @@ def build_previews(ref: Dataset, ct_by_sop: dict[str, Dataset], volume: Volume,
                config, uids, now, orientation,
                wording.plain(f"AI ICH triage summary. {wording.banner(findings)}"), None)]
     for number, k in enumerate(key_slices(findings, config.max_key_images), start=2):
-        sop = volume.source_sop_uids[k]
-        source = ct_by_sop.get(sop) if sop is not None else None
+        source = source_plane_of_slice(volume, planes, k)
         out.append(_sc(render_key_image(volume, findings, k, config), ref, number, "key",
                        config, uids, now, orientation,
                        wording.plain(f"AI ICH key image, slice {k + 1} of "

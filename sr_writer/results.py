@@ -76,16 +76,15 @@ def write_results(source_datasets: Sequence[Dataset], volume: Volume, findings: 
     uids = ResultUids.for_analysis(volume, findings, config, sorted(seen))
     seg = build_segmentation(source_datasets, volume, findings, config, uids, now)
     notes = [n for n in plane_notes if n not in seg.notes]
-    sr = build_sr(ct_headers, volume, findings, seg, config, uids, now, notes)
+    sr = build_sr(planes, volume, findings, seg, config, uids, now, notes)
     first = ct_headers[0]
     series = SeriesInfo(description=str(first.get("SeriesDescription", "") or ""),
                         number=str(first.get("SeriesNumber", "") or "?"),
                         slices=int(volume.hu.shape[0]))
     summary_notes = [*wording.reconstruction_notes(volume), *findings.warnings, *seg.notes,
                      *notes]
-    previews = build_previews(patched_header(first), {str(ds.SOPInstanceUID): ds
-                                                      for ds in ct_headers},
-                              volume, findings, series, config, uids, now, summary_notes)
+    previews = build_previews(patched_header(first), planes, volume, findings, series, config,
+                              uids, now, summary_notes)
     out: list[Dataset] = [sr]
     if seg.dataset is not None:
         out.append(seg.dataset)

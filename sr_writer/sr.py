@@ -44,7 +44,7 @@ from sr_writer.identity import (
     software_versions,
     stamp_creation,
 )
-from sr_writer.seg import SEG_SOP_CLASS_UID, SegResult
+from sr_writer.seg import SEG_SOP_CLASS_UID, SegResult, SourcePlane
 
 LOGGER = logging.getLogger(__name__)
 
@@ -167,13 +167,47 @@ def qualitative_evaluations(findings: Findings, notes: Sequence[str],
     return container
 
 
-def build_sr(ct_headers: Sequence[Dataset], volume: Volume, findings: Findings,
+def library_header(plane: SourcePlane, volume: Volume, notes: list[str]) -> Dataset:
+    """A copy of the plane's instance with what TID 1604 (Image Library Entry Descriptors
+    for cross-sectional modalities) needs at the top level, where highdicom looks for it:
+    Enhanced CT keeps geometry in functional groups (the first frame's is used), and
+    SliceThickness is Type 2 in the CT Image module (empty: the analysed slice spacing is
+    listed instead, and a note says so)."""
+    out = patched_header(plane.dataset)
+    out.PixelSpacing = [f"{v:.6g}" for v in plane.spacing]
+    out.ImageOrientationPatient = [f"{v:.6g}" for v in (*plane.row_cosine, *plane.col_cosine)]
+    out.ImagePositionPatient = [f"{v:.6g}" for v in plane.position]
+    thickness = out.get("SliceThickness")
+    if thickness in (None, ""):
+        measures = (plane.dataset.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+                    if "SharedFunctionalGroupsSequence" in plane.dataset
+                    and "PixelMeasuresSequence" in plane.dataset.SharedFunctionalGroupsSequence[0]
+                    else Dataset())
+        thickness = measures.get("SliceThickness")
+    if thickness in (None, ""):
+        thickness = round(float(volume.spacing[0]), 3)
+        note = ("the source instances have no SliceThickness: the image library lists the "
+                "analysed slice spacing instead")
+        if note not in notes:
+            notes.append(note)
+    out.SliceThickness = thickness
+    return out
+
+
+def build_sr(planes: Sequence[SourcePlane], volume: Volume, findings: Findings,
              seg: SegResult, config: ResultsConfig, uids: ResultUids,
              now: datetime.datetime, notes: Sequence[str]) -> hd.sr.Comprehensive3DSR:
-    """The TID 1500 report. ``ct_headers`` are the analysed CT instances (image library and
-    evidence); ``notes`` are analysis notes to state in the report."""
-    if not ct_headers:
+    """The TID 1500 report. ``planes`` are the analysed CT frames (their instances form the
+    image library and the evidence); ``notes`` are analysis notes to state in the report."""
+    if not planes:
         raise ValueError("At least one analysed CT instance is required for the SR.")
+    library_notes: list[str] = []
+    images: list[Dataset] = []
+    listed: set[str] = set()
+    for plane in planes:
+        if plane.sop_uid not in listed:
+            listed.add(plane.sop_uid)
+            images.append(library_header(plane, volume, library_notes))
     algorithm = algorithm_identification(findings, config)
     observer = hd.sr.ObserverContext(
         observer_type=hd.sr.CodedConcept.from_code(codes.DEVICE),
@@ -187,14 +221,13 @@ def build_sr(ct_headers: Sequence[Dataset], volume: Volume, findings: Findings,
                        | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations] = []
     measurements += _classification_groups(findings, uids, algorithm)
     measurements += _segment_groups(findings, volume, seg, algorithm)
-    all_notes = [*findings.warnings, *seg.notes, *notes]
+    all_notes = [*findings.warnings, *seg.notes, *notes, *library_notes]
     if findings.lesions and volume.frame_of_reference_uid:
         measurements += [_lesion_group(k, lesion, volume, uids, volume.frame_of_reference_uid)
                          for k, lesion in enumerate(findings.lesions, start=1)]
     elif findings.lesions:
         all_notes.append("the source series has no FrameOfReferenceUID: lesion centroids "
                          "are not reported")
-    images = [patched_header(ds) for ds in ct_headers]
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=codes.CT_OF_HEAD,

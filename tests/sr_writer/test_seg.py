@@ -130,3 +130,53 @@ def test_tilted_series_seg_lies_on_the_source_frames(tmp_path: Path) -> None:
 def test_negative_writes_no_seg(negative: Case) -> None:
     assert not negative.by_modality("SEG")
 
+
+
+def dcmqi_segments(seg_path: Path, out_dir: Path) -> dict[int, sitk.Image]:
+    """segimage2itkimage's NIfTI per segment number."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([str(SEGIMAGE2ITKIMAGE), "--inputDICOM", str(seg_path),
+                           "--outputDirectory", str(out_dir), "--outputType", "nifti"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return {int(p.name.split(".")[0]): sitk.ReadImage(str(p))
+            for p in out_dir.glob("*.nii.gz")}
+
+
+@pytest.mark.skipif(not SEGIMAGE2ITKIMAGE.exists(), reason="dcmqi (pip dcmqi) not installed")
+def test_enhanced_ct_source_gets_a_multiframe_reference(tmp_path: Path) -> None:
+    """One Enhanced CT instance (frames stored top-down): the SEG references its frames by
+    number and dcmqi still reproduces the mask."""
+    from pydicom import dcmread
+
+    from pipeline.config import VolumeConfig
+    from pipeline.volume import build_volume
+    from tests.pipeline.ctfactory import write_enhanced_ct
+    from tests.sr_writer.factory import bleed_mask, findings_for, head_spec, with_blood
+
+    path = write_enhanced_ct(tmp_path / "series", head_spec())
+    volume = build_volume([path], VolumeConfig())
+    mask = bleed_mask(volume)
+    findings = findings_for(volume, mask)
+    results = write_results([dcmread(path, stop_before_pixels=True)],
+                            with_blood(volume, mask), findings, ResultsConfig(), now=NOW)
+    assert [ds.Modality for ds in results] == ["SR", "SEG", "OT", "OT", "OT"]
+    seg_path = tmp_path / "seg.dcm"
+    results[1].save_as(seg_path, enforce_file_format=True)
+    seg = hd.seg.segread(seg_path)
+    n = volume.hu.shape[0]
+    pixels = seg.pixel_array
+    for f, item in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        src = item.DerivationImageSequence[0].SourceImageSequence[0]
+        k = n - int(src.ReferencedFrameNumber)  # the factory stores frames top-down
+        code = SUBTYPE_CODE[subtype_of(seg, int(
+            item.SegmentIdentificationSequence[0].ReferencedSegmentNumber))]
+        np.testing.assert_array_equal(pixels[f] > 0, mask[k] == code)
+    for number, image in dcmqi_segments(seg_path, tmp_path / "dcmqi").items():
+        on_grid = sitk.Resample(image, volume.image, sitk.Transform(),
+                                sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        code = SUBTYPE_CODE[subtype_of(seg, number)]
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(on_grid) > 0, mask == code)
+    key = results[3]
+    frame = int(key.SourceImageSequence[0].ReferencedFrameNumber)
+    assert n - frame == min(les.largest_slice for les in findings.lesions)
