@@ -248,7 +248,7 @@ def render_summary(volume: Volume, findings: Findings, series: SeriesInfo,
     if findings.model.demo:
         paragraph(wording.DEMO_WARNING, _WARN)
     for note in notes:
-        paragraph(f"Note: {note}", _MUTED)
+        paragraph(f"Note: {wording.sentence(note)}", _MUTED)
     paragraph("")
     paragraph(wording.INTENDED_USE, _WARN)
     needed = margin + sum(_line_height(row_font) for _, _, row_font in lines) + margin

@@ -253,6 +253,14 @@ def build_segmentation(source_datasets: Sequence[Dataset], volume: Volume,
         stacked = stacked[order]
     else:
         source_images = [patched_header(p.dataset) for p in planes]
+    if not multi and any(img.get("SliceThickness") in (None, "") for img in source_images):
+        # Type 2 in the CT Image module; highdicom copies it into the SEG's Pixel Measures
+        # (on these copies only: the sources are not changed).
+        for img in source_images:
+            if img.get("SliceThickness") in (None, ""):
+                img.SliceThickness = round(float(volume.spacing[0]), 3)
+        notes.append("the source instances have no SliceThickness: the SEG's pixel measures "
+                     "give the analysed slice spacing instead")
     da, tm = date_time(now)
     seg = hd.seg.Segmentation(
         source_images=source_images,

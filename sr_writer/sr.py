@@ -141,7 +141,7 @@ def _lesion_group(index: int, lesion: Lesion, volume: Volume, uids: ResultUids,
 
 
 def _text(name: Code, value: str) -> hd.sr.TextContentItem:
-    return hd.sr.TextContentItem(name=name, value=wording.plain(value),
+    return hd.sr.TextContentItem(name=name, value=wording.sentence(value),
                                  relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
 
 

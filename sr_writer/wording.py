@@ -26,6 +26,15 @@ def plain(text: str) -> str:
                    for ch in decomposed)
 
 
+def sentence(text: str) -> str:
+    """``text`` as plain ASCII starting with a capital and ending with a full stop."""
+    text = plain(text).strip()
+    if not text:
+        return text
+    text = text[0].upper() + text[1:]
+    return text if text[-1] in ".!?" else text + "."
+
+
 def subtype_names(findings: Findings) -> list[str]:
     """Subtypes called positive, in LABELS order (e.g. ['subdural', 'intraparenchymal'])."""
     return list(findings.present_subtypes)
@@ -56,7 +65,7 @@ def reconstruction_notes(volume: Volume) -> list[str]:
     if r.tilt_corrected:
         notes.append(f"Gantry tilt of {r.tilt_deg:.1f} degrees corrected before analysis "
                      f"(shift up to {r.max_shift_mm:.1f} mm).")
-    if r.filled_slices:
+    if r.filled_slices and not any("gap" in w.lower() for w in r.warnings):
         notes.append(f"{len(r.filled_slices)} slice(s) interpolated across gaps in the "
                      "series before analysis.")
     if r.resampled_slices:

@@ -180,3 +180,27 @@ def test_enhanced_ct_source_gets_a_multiframe_reference(tmp_path: Path) -> None:
     key = results[3]
     frame = int(key.SourceImageSequence[0].ReferencedFrameNumber)
     assert n - frame == min(les.largest_slice for les in findings.lesions)
+
+
+def test_gap_filled_series_without_slice_thickness(tmp_path: Path) -> None:
+    """A gap filled by interpolation and no SliceThickness: the SEG references only real
+    instances, the SR says what was done, and dciodvfy finds no error."""
+    z_mm = (0, 5, 10, 15, 20, 30, 35, 40, 45, 50, 55)
+    headers, volume, findings = positive_case(tmp_path / "series", z_mm=z_mm, thickness=None)
+    assert volume.report.filled_slices == [5]
+    results = write_results(headers, volume, findings, ResultsConfig(), now=NOW)
+    seg = results[1]
+    referenced = {item.DerivationImageSequence[0].SourceImageSequence[0]
+                  .ReferencedSOPInstanceUID for item in seg.PerFrameFunctionalGroupsSequence}
+    assert referenced <= {h.SOPInstanceUID for h in headers}
+    texts = [str(getattr(item, "TextValue", ""))
+             for item in results[0].ContentSequence[-1].ContentSequence]
+    assert any("filled by linear interpolation" in t for t in texts)
+    assert any("SliceThickness" in t for t in texts)
+    from tests.sr_writer.test_validators import DCIODVFY, dciodvfy_errors
+    if DCIODVFY is None:
+        pytest.skip("dciodvfy is not installed")
+    for k, ds in enumerate(results):
+        path = tmp_path / f"{k}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        assert dciodvfy_errors(str(path)) == [], ds.Modality
