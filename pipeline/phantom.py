@@ -141,8 +141,8 @@ class PhantomStudy:
     def volume_ml(self) -> dict[str, float]:
         """Labelled volume per subtype (mL), measured on the label map."""
         vox = float(np.prod(self.spacing_mm)) / 1000.0
-        counts = np.bincount(self.labels.ravel(), minlength=len(SUBTYPES) + 1)
-        return {s: float(counts[SUBTYPE_CODES[s]]) * vox for s in SUBTYPES if counts[SUBTYPE_CODES[s]]}
+        counts = {s: np.count_nonzero(self.labels == SUBTYPE_CODES[s]) for s in self.subtypes}
+        return {s: float(c) * vox for s, c in counts.items() if c}
 
 
 @dataclass(frozen=True)
@@ -266,11 +266,10 @@ def _generate(seed: int, nz: int | None, ny: int, nx: int, spacing: tuple[float,
     _scanner_output(hu, grid, scanner)
 
     vox_ml = grid.voxel_mm3 / 1000.0
-    counts = np.bincount(ids.ravel(), minlength=len(lesions) + 1)
     reported = tuple(
         Lesion(subtype=les.subtype, code=les.code, site=les.site, requested_ml=les.requested_ml,
-               volume_ml=float(counts[i + 1]) * vox_ml, center_lps=tuple(float(v) for v in les.center),  # type: ignore[arg-type]
-               hu=les.hu)
+               volume_ml=float(np.count_nonzero(ids == i + 1)) * vox_ml,
+               center_lps=(float(les.center[0]), float(les.center[1]), float(les.center[2])), hu=les.hu)
         for i, les in enumerate(lesions)
     )
     ident = draw_identity(r_id, seed, nzz, uid_root, patient_name, patient_index)

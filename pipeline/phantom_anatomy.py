@@ -28,6 +28,7 @@ from pipeline.phantom_geometry import (
     SmoothField,
     capsule,
     ellipsoid,
+    ellipsoid_fast,
     lerp_into,
     ramp,
     ramp_iw,
@@ -50,6 +51,7 @@ T_AIR, T_SOFT, T_FAT, T_CORT, T_DIPLOE, T_CSF, T_GM, T_WM, T_DEEP, T_BS, T_DURA,
 T_MIXED = 255
 
 BIG = np.float32(1.0e3)
+LEVEL_CAVITY, LEVEL_VENTRICLES, LEVEL_ALL = 0, 1, 2
 # Template geometry (mm). Cavity: vault ellipsoid cut at the anterior fossa floor, unioned with the
 # middle fossae, the posterior fossa and the brainstem channel.
 _BASE_Z = -20.0
@@ -314,14 +316,20 @@ def _sphere_tables(rng: np.random.Generator) -> SphereTables:
     g, tang = _wave_sum(rng, n, 48, float(rng.uniform(20.0, 25.0)), grad=True, flat=0.45)
     assert tang is not None
     sulcus = np.clip(g / tang, -12.0, 12.0)
-    dep, _ = _wave_sum(rng, n, 8, 70.0, grad=False)
-    depth = np.clip(11.0 + 2.0 * dep, 5.0, 17.0)
-    bump, _ = _wave_sum(rng, n, 10, 90.0, grad=False)
-    thick, _ = _wave_sum(rng, n, 10, 80.0, grad=False)
+    # The smooth tables are computed on every 4th row and column and repeated (nearest).
+    coarse = (n[0][::4, ::4], n[1][::4, ::4], n[2][::4, ::4])
+
+    def smooth(count: int, lam: float) -> F32:
+        val, _ = _wave_sum(rng, coarse, count, lam, grad=False)
+        return np.repeat(np.repeat(val, 4, axis=0), 4, axis=1)
+
+    depth = np.clip(11.0 + 2.0 * smooth(8, 70.0), 5.0, 17.0)
     scale = np.float32(1.0 / math.sqrt(5.0))
+    bump = smooth(10, 90.0) * scale
+    thick = smooth(10, 80.0) * scale
     return SphereTables(
         sulcus.astype(np.float32).ravel(), depth.astype(np.float32).ravel(),
-        (bump * scale).astype(np.float32).ravel(), (thick * scale).astype(np.float32).ravel(),
+        bump.astype(np.float32).ravel(), thick.astype(np.float32).ravel(),
     )
 
 
@@ -639,7 +647,7 @@ def _local_ells(blk: Block, grid: Grid, ells: tuple[Ell, ...], out: F32, combine
         if loc is None:
             continue
         sb, sl = loc
-        _, de, _ = ellipsoid(sb, e.rows, e.p0)
+        de = ellipsoid_fast(sb, e.rows, e.p0)
         val = de if w is None else ramp(de, w)
         if combine == "min":
             np.minimum(out[sl], val, out=out[sl])
@@ -647,8 +655,9 @@ def _local_ells(blk: Block, grid: Grid, ells: tuple[Ell, ...], out: F32, combine
             np.maximum(out[sl], val, out=out[sl])
 
 
-def _cavity(m: HeadModel, hb: Block, u2: F32, bump: F32) -> tuple[F32, F32]:
-    """Signed distance to the inner table (mm) and the z-component of its normal on ``hb``."""
+def _cavity(m: HeadModel, hb: Block, u2: F32, bump: F32) -> tuple[F32, F32, F32]:
+    """Signed distance to the inner table (mm), the z-component of its normal, and the signed
+    distance to the posterior-fossa ellipsoid (the tentorium; BIG away from it) on ``hb``."""
     g = m.grid
     sx = np.float32(m.scale)
     _, d_cav, nz = ellipsoid(hb, m.e1.rows, m.e1.p0, want_nz=True)
@@ -660,6 +669,7 @@ def _cavity(m: HeadModel, hb: Block, u2: F32, bump: F32) -> tuple[F32, F32]:
     nz -= np.float32(-m.frame.A[2, 2])
     nz *= h
     nz += np.float32(-m.frame.A[2, 2])
+    d_e3 = np.full(hb.shape, BIG, np.float32)
     for e in (*m.e2, m.e3, m.e4):
         loc = _sub(hb, g, e.lo, e.hi)
         if loc is None:
@@ -667,13 +677,15 @@ def _cavity(m: HeadModel, hb: Block, u2: F32, bump: F32) -> tuple[F32, F32]:
         sb, sl = loc
         _, dl, nl = ellipsoid(sb, e.rows, e.p0, want_nz=True)
         assert nl is not None
+        if e is m.e3:
+            d_e3[sl] = dl
         da = d_cav[sl]
         hh = np.float32(0.5) + np.float32(0.5 / 6.0) * (da - dl)
         np.clip(hh, 0.0, 1.0, out=hh)
         nz[sl] = nz[sl] * (1 - hh) + nl * hh
         d_cav[sl] = smin(dl, da, 6.0)
     d_cav += np.float32(1.3) * bump
-    return d_cav, nz
+    return d_cav, nz, d_e3
 
 
 def _ventricles(m: HeadModel, bb: Block, ax: F32) -> F32:
@@ -693,13 +705,13 @@ def _ventricles(m: HeadModel, bb: Block, ax: F32) -> F32:
             if l2 is None:
                 continue
             sb2, sl2 = l2
-            _, dc, _ = ellipsoid(sb2, c.rows, c.p0)
+            dc = ellipsoid_fast(sb2, c.rows, c.p0)
             dl[sl2] = smin(dc, dl[sl2], 3.0)
         cd = m.caudate[side]
         l2 = _sub(sb, g, cd.lo, cd.hi)
         if l2 is not None:
             sb2, sl2 = l2
-            _, dcd, _ = ellipsoid(sb2, cd.rows, cd.p0)
+            dcd = ellipsoid_fast(sb2, cd.rows, cd.p0)
             np.maximum(dl[sl2], -dcd, out=dl[sl2])
         np.maximum(dl, np.float32(1.1) - ax[sl], out=dl)
         np.minimum(d_vent[sl], dl, out=d_vent[sl])
@@ -712,9 +724,64 @@ def _ventricles(m: HeadModel, bb: Block, ax: F32) -> F32:
     return d_vent
 
 
-def render(m: HeadModel, blk: Block, want_hu: bool = True, tissue: bool = False) -> Rendered:
+def _brain_spaces(m: HeadModel, bb: Block, ub: tuple[F32, F32, F32], depth: F32, f_brain: F32, f_vent: F32,
+                  f_cav: F32, ax_b: F32, tex_b: F32, idx_b: npt.NDArray[np.int32], r_b: F32,
+                  d_e3: F32) -> tuple[F32, F32, dict[str, F32], tuple[slice, slice, slice]]:
+    """Sulci, fissure and cisterns: the parenchyma and subarachnoid fractions, plus what the
+    painter needs (sulcal geometry, fissure region and the midline band)."""
+    g = m.grid
+    sx = np.float32(m.scale)
+    wi = np.float32(m.w_iso)
+    ws = np.float32(m.w_sheet)
+    s_dist = np.take(m.tables.sulcus, idx_b)
+    s_dist *= r_b
+    s_dist *= np.float32(1.0 / _R0)
+    s_dist += np.float32(2.6) * tex_b
+    np.abs(s_dist, out=s_dist)
+    s_depth = np.take(m.tables.depth, idx_b)
+    taper = np.clip(depth / s_depth, 0.0, 1.0)
+    taper *= np.float32(-0.45 * 0.5 * m.sulcal_width)
+    hw = taper + np.float32(0.5 * m.sulcal_width)
+    above_tent = ramp(-d_e3, wi)
+    hw *= np.float32(0.45) + np.float32(0.55) * above_tent
+    f_sulc = sheet(s_dist, hw, ws)
+    f_sulc *= ramp(depth - s_depth, ws)
+    # Falx, fissure and sagittal sinus only matter within 10 mm of the midline: work on that band.
+    cols = np.flatnonzero((ax_b < np.float32(10.0)).any(axis=(0, 1)))
+    band = (slice(None), slice(None), slice(int(cols[0]), int(cols[-1]) + 1) if cols.size else slice(0, 0))
+    zf = _z_falx(ub[1][band])
+    f_fis = ramp((zf - ub[2][band]) * sx, np.float32(2.0))
+    f_fis *= above_tent[band]
+    f_ihf = sheet(ax_b[band], np.float32(m.ihf_half), np.float32(m.wp))
+    f_ihf *= f_fis
+    f_cist = np.zeros(bb.shape, np.float32)
+    _local_ells(bb, g, m.cisterns, f_cist, "max", m.w_iso)
+    for e, thick in m.shells:
+        loc = _sub(bb, g, e.lo - thick, e.hi + thick)
+        if loc is not None:
+            sb, sl = loc
+            de = ellipsoid_fast(sb, e.rows, e.p0)
+            shell = sheet(de - np.float32(thick / 2), np.float32(thick / 2), wi)
+            np.maximum(f_cist[sl], shell, out=f_cist[sl])
+    keep = np.float32(1.0) - f_sulc
+    keep *= np.float32(1.0) - f_cist
+    keep[band] *= np.float32(1.0) - f_ihf
+    f_par = f_brain * keep
+    f_par *= np.float32(1.0) - f_vent
+    f_sas = f_cav - f_par
+    f_sas -= f_vent
+    np.maximum(f_sas, 0.0, out=f_sas)
+    extra = {"s_dist": s_dist, "hw": hw, "s_depth": s_depth, "f_fis": f_fis, "above_tent": above_tent}
+    return f_par, f_sas, extra, band
+
+
+def render(m: HeadModel, blk: Block, want_hu: bool = True, tissue: bool = False, level: int = LEVEL_ALL) -> Rendered:
     """Anatomy of ``blk``: HU canvas (if ``want_hu``), tissue classes (if ``tissue``) and the fields
-    the lesion models need. Work is confined to the per-slice head and cavity boxes."""
+    the lesion models need. Work is confined to the per-slice head and cavity boxes.
+
+    Without HU, ``level`` limits the fields to what a lesion needs: ``LEVEL_CAVITY`` (inner
+    table only), ``LEVEL_VENTRICLES`` (plus ventricles) or ``LEVEL_ALL`` (plus sulci, fissure
+    and cisterns, i.e. the subarachnoid space)."""
     g = m.grid
     hu = m.hu
     canvas = np.full(blk.shape, hu.air, np.float32) if want_hu else None
@@ -728,7 +795,7 @@ def render(m: HeadModel, blk: Block, want_hu: bool = True, tissue: bool = False)
     u = m.frame.u(hb)
     u0, u1, u2 = u
     idx, r = _sphere_index(u)
-    d_cav, nz = _cavity(m, hb, u2, np.take(m.tables.bump, idx))
+    d_cav, nz, d_e3_h = _cavity(m, hb, u2, np.take(m.tables.bump, idx))
     nz *= t
     nz *= nz
     nz += np.float32(m.wp**2)
@@ -739,61 +806,34 @@ def render(m: HeadModel, blk: Block, want_hu: bool = True, tissue: bool = False)
     ax *= sx
     tex = m.tex.on(hb)
     wi = np.float32(m.w_iso)
-    ws = np.float32(m.w_sheet)
 
     fields: Fields | None = None
     brain_paint: dict[str, F32] = {}
     sl_b: tuple[slice, slice, slice] = (slice(0, 0),) * 3
+    midline: tuple[slice, slice, slice] = (slice(0, 0),) * 3
+    full = want_hu or level >= LEVEL_ALL
     if bb is not None:
         sl_b = hb.rel(bb)
         ub = (u0[sl_b], u1[sl_b], u2[sl_b])
         d_b, iw_b, ax_b, tex_b = d_cav[sl_b], iw[sl_b], ax[sl_b], tex[sl_b]
+        d_e3 = d_e3_h[sl_b]
         depth = -(d_b + np.float32(m.gap))
         f_brain = ramp_iw(-depth, iw_b)
-        idx_b = idx[sl_b]
-        s_dist = np.take(m.tables.sulcus, idx_b)
-        s_dist *= r[sl_b]
-        s_dist *= np.float32(1.0 / _R0)
-        s_dist += np.float32(2.6) * tex_b
-        np.abs(s_dist, out=s_dist)
-        s_depth = np.take(m.tables.depth, idx_b)
-        taper = np.clip(depth / s_depth, 0.0, 1.0)
-        taper *= np.float32(-0.45 * 0.5 * m.sulcal_width)
-        hw = taper + np.float32(0.5 * m.sulcal_width)
-        d_e3 = np.full(bb.shape, BIG, np.float32)
-        _local_ells(bb, g, (m.e3,), d_e3, "min", None)
-        above_tent = ramp(-d_e3, wi)
-        hw *= np.float32(0.45) + np.float32(0.55) * above_tent
-        f_sulc = sheet(s_dist, hw, ws)
-        f_sulc *= ramp(depth - s_depth, ws)
-        zf = _z_falx(ub[1])
-        f_fis = ramp((zf - ub[2]) * sx, np.float32(2.0))
-        f_fis *= above_tent
-        f_ihf = sheet(ax_b, np.float32(m.ihf_half), np.float32(m.wp))
-        f_ihf *= f_fis
-        f_cist = np.zeros(bb.shape, np.float32)
-        _local_ells(bb, g, m.cisterns, f_cist, "max", m.w_iso)
-        for e, thick in m.shells:
-            loc = _sub(bb, g, e.lo - thick, e.hi + thick)
-            if loc is not None:
-                sb, sl = loc
-                _, de, _ = ellipsoid(sb, e.rows, e.p0)
-                shell = sheet(de - np.float32(thick / 2), np.float32(thick / 2), wi)
-                np.maximum(f_cist[sl], shell, out=f_cist[sl])
-        d_vent = _ventricles(m, bb, ax_b)
-        f_vent = ramp(d_vent, wi)
-        f_vent *= f_brain
-        keep = np.float32(1.0) - f_sulc
-        keep *= np.float32(1.0) - f_cist
-        keep *= np.float32(1.0) - f_ihf
-        f_par = f_brain * keep
-        f_par *= np.float32(1.0) - f_vent
-        f_sas = f_cav[sl_b] - f_par
-        f_sas -= f_vent
-        np.maximum(f_sas, 0.0, out=f_sas)
+        if want_hu or level >= LEVEL_VENTRICLES:
+            d_vent = _ventricles(m, bb, ax_b)
+            f_vent = ramp(d_vent, wi)
+            f_vent *= f_brain
+        else:
+            d_vent = np.full(bb.shape, BIG, np.float32)
+            f_vent = np.zeros(bb.shape, np.float32)
+        if full:
+            f_par, f_sas, brain_paint, midline = _brain_spaces(m, bb, ub, depth, f_brain, f_vent, f_cav[sl_b], ax_b,
+                                                               tex_b, idx[sl_b], r[sl_b], d_e3)
+        else:
+            f_par = f_brain * (np.float32(1.0) - f_vent)
+            f_sas = np.zeros(bb.shape, np.float32)
         fields = Fields(u=ub, d_cav=d_b, w=w[sl_b], f_cav=f_cav[sl_b], f_brain=f_brain, depth=depth, f_par=f_par,
                         f_sas=f_sas, d_vent=d_vent, f_vent=f_vent, d_e3=d_e3, tex=tex_b)
-        brain_paint = {"s_dist": s_dist, "hw": hw, "s_depth": s_depth, "f_fis": f_fis, "above_tent": above_tent}
     if canvas is None:
         return Rendered(blk, bb, fields, None, None)
 
@@ -823,7 +863,7 @@ def render(m: HeadModel, blk: Block, want_hu: bool = True, tissue: bool = False)
         loc = _sub(hb, g, fsn.lo - 12, fsn.hi + 12)
         if loc is not None:
             sb, sl = loc
-            _, dfs, _ = ellipsoid(sb, fsn.rows, fsn.p0)
+            dfs = ellipsoid_fast(sb, fsn.rows, fsn.p0)
             t_sk[sl] += np.float32(9.0) * np.clip(np.float32(1.0) - dfs * np.float32(1 / 10.0), 0.0, 1.0)
     d_skin = d_cav - t_sk
     d_skin -= np.float32(m.scalp_t) + np.float32(m.temporalis) * temporal
@@ -831,7 +871,7 @@ def render(m: HeadModel, blk: Block, want_hu: bool = True, tissue: bool = False)
         loc = _sub(hb, g, e.lo, e.hi)
         if loc is not None:
             sb, sl = loc
-            _, de, _ = ellipsoid(sb, e.rows, e.p0)
+            de = ellipsoid_fast(sb, e.rows, e.p0)
             d_skin[sl] = smin(de, d_skin[sl], 10.0)
     pt.paint(hu.soft, ramp_iw(d_skin, iw), T_SOFT)
     fat = ramp_iw(np.float32(1.6) + d_skin, iw)
@@ -849,7 +889,7 @@ def render(m: HeadModel, blk: Block, want_hu: bool = True, tissue: bool = False)
     pt.paint(hu.csf, f_cav, T_CSF)
 
     if fields is not None:
-        _paint_brain(m, bb, sl_b, pt, fields, brain_paint)
+        _paint_brain(m, bb, sl_b, midline, pt, fields, brain_paint)
 
     # Dense skull base bone over everything, air in the ear canals, then calcifications.
     for c in (*m.petrous, *m.zygoma):
@@ -869,7 +909,7 @@ def render(m: HeadModel, blk: Block, want_hu: bool = True, tissue: bool = False)
         loc = _sub(hb, g, e.lo, e.hi)
         if loc is not None:
             sb, sl = loc
-            _, de, _ = ellipsoid(sb, e.rows, e.p0)
+            de = ellipsoid_fast(sb, e.rows, e.p0)
             pt.paint(calc.hu, ramp(de, wi), T_CALC, sl)
     sl_h = blk.rel(hb)
     canvas[sl_h] = pt.v
@@ -878,8 +918,8 @@ def render(m: HeadModel, blk: Block, want_hu: bool = True, tissue: bool = False)
     return Rendered(blk, bb, fields, canvas, classes)
 
 
-def _paint_brain(m: HeadModel, bb: Block | None, sl_b: tuple[slice, slice, slice], pt: Painter, f: Fields,
-                 extra: dict[str, F32]) -> None:
+def _paint_brain(m: HeadModel, bb: Block | None, sl_b: tuple[slice, slice, slice],
+                 band: tuple[slice, slice, slice], pt: Painter, f: Fields, extra: dict[str, F32]) -> None:
     """Venous sinus, parenchyma (grey/white/deep/brainstem) and dura on the cavity block."""
     assert bb is not None
     g = m.grid
@@ -892,8 +932,8 @@ def _paint_brain(m: HeadModel, bb: Block | None, sl_b: tuple[slice, slice, slice
     depth = f.depth
     pd = np.maximum(extra["s_dist"] - extra["hw"], depth - extra["s_depth"])
     np.minimum(pd, depth, out=pd)
-    fis_wall = ax - np.float32(m.ihf_half)
-    np.minimum(pd, np.where(extra["f_fis"] > 0.5, fis_wall, BIG), out=pd)
+    fis_wall = ax[band] - np.float32(m.ihf_half)
+    np.minimum(pd[band], np.where(extra["f_fis"] > 0.5, fis_wall, BIG), out=pd[band])
     pd -= np.float32(m.cortex)
     f_gm = ramp(pd, ws)
     v_par = np.float32(hu.gm - hu.wm) * f_gm
@@ -905,7 +945,7 @@ def _paint_brain(m: HeadModel, bb: Block | None, sl_b: tuple[slice, slice, slice
         loc = _sub(bb, g, e.lo, e.hi)
         if loc is not None:
             sb, sl = loc
-            _, de, _ = ellipsoid(sb, e.rows, e.p0)
+            de = ellipsoid_fast(sb, e.rows, e.p0)
             lerp_into(v_par[sl], hu.brainstem, ramp(de, wi))
     v_par += np.float32(1.2) * f.tex
     cup = np.maximum(depth, 0.0)
@@ -920,21 +960,24 @@ def _paint_brain(m: HeadModel, bb: Block | None, sl_b: tuple[slice, slice, slice
         sel = f.f_par >= 0.5
         pt.cls[sl_b][sel] = klass[sel]
 
-    # Superior sagittal sinus: a dense triangle at the falx attachment (a normal hyperdensity).
-    hw_sss = f.d_cav * np.float32(1 / 6.0)
+    # Superior sagittal sinus (a dense triangle at the falx attachment) and the falx itself:
+    # normal hyperdensities, classic mimics of blood. Both live in the midline band.
+    full_band = tuple(slice(a.start + b.start, a.start + b.stop) for a, b in zip(sl_b, (
+        slice(0, bb.shape[0]), slice(0, bb.shape[1]), band[2]), strict=True))
+    fb = (full_band[0], full_band[1], full_band[2])
+    axb = ax[band]
+    hw_sss = f.d_cav[band] * np.float32(1 / 6.0)
     hw_sss += np.float32(1.0)
     np.clip(hw_sss, 0.0, 1.0, out=hw_sss)
     hw_sss *= np.float32(4.5)
-    sss = sheet(ax, hw_sss, np.float32(m.wp))
-    sss *= f.f_cav
-    sss *= ramp((np.float32(-8.0) - u2) * sx, np.float32(3.0))
-    pt.paint(hu.venous, sss, T_VEN, sl_b)
-
-    # Dura: falx and tentorium (mildly dense, like blood: a classic mimic).
-    falx = sheet(ax, np.float32(m.falx_half), np.float32(m.wp))
+    sss = sheet(axb, hw_sss, np.float32(m.wp))
+    sss *= f.f_cav[band]
+    sss *= ramp((np.float32(-8.0) - u2[band]) * sx, np.float32(3.0))
+    pt.paint(hu.venous, sss, T_VEN, fb)
+    falx = sheet(axb, np.float32(m.falx_half), np.float32(m.wp))
     falx *= extra["f_fis"]
-    falx *= f.f_cav
-    pt.paint(hu.dura, falx, T_DURA, sl_b)
+    falx *= f.f_cav[band]
+    pt.paint(hu.dura, falx, T_DURA, fb)
     loc = _sub(bb, g, m.e3.lo, m.e3.hi)
     if loc is not None:
         sb, sl = loc
@@ -954,13 +997,13 @@ def _skull_base(m: HeadModel, hb: Block, pt: Painter, outside: F32, d_outer: F32
     loc = _sub(hb, g, m.sella.lo, m.sella.hi)
     if loc is not None:
         sb, sl = loc
-        _, de, _ = ellipsoid(sb, m.sella.rows, m.sella.p0)
+        de = ellipsoid_fast(sb, m.sella.rows, m.sella.p0)
         pt.paint(hu.soft + 10.0, ramp(de, wi) * outside[sl], T_SOFT, sl)
     for e in m.orbits:
         loc = _sub(hb, g, e.lo, e.hi)
         if loc is not None:
             sb, sl = loc
-            _, de, _ = ellipsoid(sb, e.rows, e.p0)
+            de = ellipsoid_fast(sb, e.rows, e.p0)
             pt.paint(hu.orbit_fat, ramp(de, wi) * outside[sl], T_ORBIT, sl)
     for c in m.optic:
         loc = _sub(hb, g, c.lo, c.hi)
@@ -973,7 +1016,7 @@ def _skull_base(m: HeadModel, hb: Block, pt: Painter, outside: F32, d_outer: F32
             loc = _sub(hb, g, e.lo, e.hi)
             if loc is not None:
                 sb, sl = loc
-                _, de, _ = ellipsoid(sb, e.rows, e.p0)
+                de = ellipsoid_fast(sb, e.rows, e.p0)
                 pt.paint(val, ramp(de, wi) * outside[sl], T_ORBIT, sl)
     sinuses = list(m.base_air)
     if m.frontal_sinus is not None:
@@ -983,7 +1026,7 @@ def _skull_base(m: HeadModel, hb: Block, pt: Painter, outside: F32, d_outer: F32
         if loc is None:
             continue
         sb, sl = loc
-        _, de, _ = ellipsoid(sb, e.rows, e.p0)
+        de = ellipsoid_fast(sb, e.rows, e.p0)
         f = ramp(de, wi)
         f *= outside[sl]
         if name == "frontal":

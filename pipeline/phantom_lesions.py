@@ -31,6 +31,9 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline.phantom_anatomy import (
+    LEVEL_ALL,
+    LEVEL_CAVITY,
+    LEVEL_VENTRICLES,
     T_BLOOD,
     T_OEDEMA,
     Fields,
@@ -115,9 +118,13 @@ class LesionModel:
         return self.center - r, self.center + r
 
     def _radius(self, s: float) -> float:
+        """Radius (template mm) that holds ``{h <= s}``."""
+        root = math.sqrt(max(s, 1e-9))
         if self.kind in ("crescent", "falx", "tent"):
-            return self.extent * math.sqrt(max(s, 1e-6)) * 1.3 + self.t0 * math.sqrt(max(s, 1e-6))
-        return self.extent * s * 1.35
+            return self.extent * root * 1.1 + self.t0 * root
+        if self.kind == "blob":
+            return self.extent * s / (1.0 - 1.5 * self.irregular)
+        return self.extent * s * 1.05
 
 
 @dataclass(frozen=True)
@@ -338,7 +345,7 @@ def lesion_field(m: HeadModel, les: LesionModel, blk: Block, f: Fields) -> Lesio
     if les.kind in ("lens", "blob", "sah", "cast"):
         h, kappa = _ell_f_kappa(blk, les)
         if les.kind == "blob":
-            h *= np.float32(1.0) + np.float32(les.irregular) * f.tex
+            h *= np.float32(1.0) + np.float32(les.irregular) * np.clip(f.tex, -1.5, 1.5)
             ok = (f.d_cav + np.float32(m.gap) < 0) & (f.d_vent > 0)
             factor = f.f_brain * (np.float32(1.0) - f.f_vent)
         elif les.kind == "lens":
@@ -414,6 +421,10 @@ def _layer_h(blk: Block) -> F32:
 # --------------------------------------------------------------------------------------------
 
 
+_LEVEL = {"lens": LEVEL_CAVITY, "crescent": LEVEL_CAVITY, "falx": LEVEL_CAVITY, "tent": LEVEL_CAVITY,
+          "blob": LEVEL_VENTRICLES, "layer": LEVEL_VENTRICLES, "cast": LEVEL_VENTRICLES, "sah": LEVEL_ALL}
+
+
 def _n_target(m: HeadModel, les: LesionModel) -> int:
     return max(1, int(round(les.target_ml * 1000.0 / m.grid.voxel_mm3)))
 
@@ -457,7 +468,7 @@ def calibrate_all(m: HeadModel, lesions: list[LesionModel]) -> list[LesionModel]
     if not lesions:
         return []
     g = m.grid
-    s_box = [2.2 * _s_guess(les) + 0.05 for les in lesions]
+    s_box = [(1.35 if les.kind in ("crescent", "falx", "tent") else 1.25) * _s_guess(les) + 0.02 for les in lesions]
     boxes = [g.index_box(*replace(les, s=sb).box(m)) for les, sb in zip(lesions, s_box, strict=True)]
     found: list[list[F32]] = [[] for _ in lesions]
     valid = [b for b in boxes if b is not None]
@@ -473,7 +484,8 @@ def calibrate_all(m: HeadModel, lesions: list[LesionModel]) -> list[LesionModel]
             j1 = max(boxes[i][3] for i in live)  # type: ignore[index]
             i0 = min(boxes[i][4] for i in live)  # type: ignore[index]
             i1 = max(boxes[i][5] for i in live)  # type: ignore[index]
-            rd = render(m, g.box(ka, kb, j0, j1, i0, i1), want_hu=False)
+            level = max(_LEVEL[lesions[i].kind] for i in live)
+            rd = render(m, g.box(ka, kb, j0, j1, i0, i1), want_hu=False, level=level)
             for i in live:
                 vals = _candidates(m, lesions[i], rd, s_box[i])
                 if vals is not None and vals.size:
@@ -514,7 +526,7 @@ def calibrate(m: HeadModel, les: LesionModel, s_box: float | None = None) -> Les
             parts = []
             step = max(1, (1 << 18) // max(1, (box[3] - box[2]) * (box[5] - box[4])))
             for ka in range(box[0], box[1], step):
-                rd = render(m, g.box(ka, min(box[1], ka + step), *box[2:]), want_hu=False)
+                rd = render(m, g.box(ka, min(box[1], ka + step), *box[2:]), want_hu=False, level=_LEVEL[les.kind])
                 got = _candidates(m, les, rd, s_box if les.kind != "layer" else math.inf)
                 if got is not None:
                     parts.append(got)
