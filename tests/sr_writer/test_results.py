@@ -10,6 +10,7 @@ import numpy as np
 import pydantic
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.uid import (
     Comprehensive3DSRStorage,
     SecondaryCaptureImageStorage,
@@ -24,9 +25,9 @@ IDENTITY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "Study
             "StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName", "StudyID")
 
 
-def reread(ds: object) -> object:
+def reread(ds: Dataset) -> Dataset:
     buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)  # type: ignore[attr-defined]
+    ds.save_as(buf, enforce_file_format=True)
     buf.seek(0)
     return dcmread(buf)
 
@@ -108,10 +109,9 @@ def test_mask_on_another_grid_is_refused(positive: Case) -> None:
 def test_headers_of_another_study_are_refused(positive: Case) -> None:
     other = [reread(h) for h in positive.headers[:2]]
     for h in other:
-        h.StudyInstanceUID = "1.2.3.4"  # type: ignore[attr-defined]
+        h.StudyInstanceUID = "1.2.3.4"
     with pytest.raises(ResultsError, match="study"):
-        write_results(other, positive.volume, positive.findings,  # type: ignore[arg-type]
-                      ResultsConfig(), now=NOW)
+        write_results(other, positive.volume, positive.findings, ResultsConfig(), now=NOW)
 
 
 def test_no_headers_is_refused(positive: Case) -> None:
@@ -130,7 +130,7 @@ def test_no_headers_is_refused(positive: Case) -> None:
 ])
 def test_config_refuses_nonsense(overrides: dict[str, object]) -> None:
     with pytest.raises(pydantic.ValidationError):
-        ResultsConfig(**overrides)  # type: ignore[arg-type]
+        ResultsConfig(**overrides)
 
 
 def test_config_documents_every_field() -> None:

@@ -37,12 +37,13 @@ def test_segments_and_descriptions(positive: Case) -> None:
     desc = seg.get_segment_description(2)
     assert desc.segmented_property_category.value == "49755003"
     assert desc.algorithm_type.value == "AUTOMATIC"
+    assert desc.algorithm_identification is not None
     algo = desc.algorithm_identification[0]
     assert algo.AlgorithmName == "ich-demo"
     assert positive.findings.model.sha256[:12] in algo.AlgorithmVersion
     assert algo.AlgorithmFamilyCodeSequence[0].CodeValue == "123110"
     lab = desc.RecommendedDisplayCIELabValue
-    rgb = hd.color.CIELabColor.from_dicom_value(lab).to_rgb()  # type: ignore[attr-defined]
+    rgb = hd.color.CIELabColor.from_dicom_value(lab).to_rgb()
     assert np.allclose(rgb, ResultsConfig().segment_colors["subdural"], atol=2)
     assert seg.ContentCreatorName == "ICH^AI^NODE"
     assert seg.FrameOfReferenceUID == positive.headers[0].FrameOfReferenceUID

@@ -51,16 +51,18 @@ def test_sr_is_a_measurement_report(positive: Case) -> None:
 
 def test_classification_per_label(positive: Case) -> None:
     report = hd.sr.srread(positive.file_of("SR")).content
+    assert isinstance(report, hd.sr.MeasurementReport)
     groups = report.get_image_measurement_groups()
     assert len(groups) == len(LABELS)
     for label, group in zip(LABELS, groups, strict=True):
+        assert group.finding_type is not None
         assert group.finding_type.value == codes.LABEL_CODES[label].value
         (probability,) = group.get_measurements(name=codes.PROBABILITY)
         assert probability.value == pytest.approx(positive.findings.labels[label].probability)
         assert probability.unit.value == "1"
         (call,) = group.get_qualitative_evaluations(name=codes.LABEL_CODES[label])
         expected = codes.PRESENT if positive.findings.labels[label].positive else codes.ABSENT
-        assert call.value.value == expected.value
+        assert call[0].ConceptCodeSequence[0].CodeValue == expected.value
         items = {item.ConceptNameCodeSequence[0].CodeValue: item
                  for item in group[0].ContentSequence}
         assert items["111001"].TextValue == positive.findings.model.name  # Algorithm Name
@@ -72,6 +74,7 @@ def test_classification_per_label(positive: Case) -> None:
 def test_volumes_reference_the_seg(positive: Case) -> None:
     sr = hd.sr.srread(positive.file_of("SR"))
     seg = positive.by_modality("SEG")[0]
+    assert isinstance(sr.content, hd.sr.MeasurementReport)
     groups = sr.content.get_volumetric_roi_measurement_groups()
     segment_groups = [g for g in groups if g.referenced_segment is not None]
     lesion_groups = [g for g in groups if g.referenced_segment is None]
@@ -80,6 +83,7 @@ def test_volumes_reference_the_seg(positive: Case) -> None:
     volumes = positive.findings.volumes_ml()
     by_code = {codes.LABEL_CODES[s].value: s for s in volumes}
     for group in segment_groups:
+        assert group.referenced_segment is not None and group.finding_type is not None
         ref = group.referenced_segment[0]
         assert ref.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == seg.SOPInstanceUID
         number = int(ref.ReferencedSOPSequence[0].ReferencedSegmentNumber)
