@@ -51,8 +51,6 @@ def _check_ae_title(value: str) -> str:
 
 AETitle = Annotated[str, AfterValidator(_check_ae_title)]
 
-_UID_ROOT = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.$")
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -181,17 +179,7 @@ class NodeConfig(_Strict):
     worker: WorkerConfig = Field(default_factory=WorkerConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
-    uid_root: str = Field(
-        "1.2.826.0.1.3680043.8.498.", description="Root for the UIDs we create (ends with a dot)"
-    )
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
-
-    @field_validator("uid_root")
-    @classmethod
-    def _uid_root(cls, value: str) -> str:
-        if not _UID_ROOT.match(value) or len(value) > 40:
-            raise ValueError(f"{value!r} is not a UID root (digits and dots, ending in a dot, <= 40 chars)")
-        return value
 
     @field_validator("destinations")
     @classmethod

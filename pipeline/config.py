@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from sr_writer.config import ResultsConfig
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -157,3 +159,5 @@ class PipelineConfig(_Strict):
         default=VolumeConfig(), description="Volume reconstruction.")
     windows: WindowsConfig = Field(
         default=WindowsConfig(), description="Display windows and brain mask.")
+    results: ResultsConfig = Field(
+        default=ResultsConfig(), description="Identity and appearance of the SR, SEG and preview.")

@@ -1,11 +1,8 @@
 """DICOM results: TID 1500 SR, SEG and preview series (highdicom).
 
-The node calls :func:`write_results` with the analysed series' headers, its
-:class:`~pipeline.volume.Volume` and :class:`~pipeline.findings.Findings`; see
-``docs/results.md``.
+The node calls :func:`sr_writer.results.write_results` with the analysed series' headers,
+its :class:`~pipeline.volume.Volume` and :class:`~pipeline.findings.Findings`; the
+settings are :class:`sr_writer.config.ResultsConfig`; see ``docs/results.md``. The package
+itself imports nothing, so that ``pipeline.config`` can embed ``ResultsConfig`` without a
+cycle.
 """
-
-from sr_writer.config import ResultsConfig
-from sr_writer.results import ResultsError, write_results
-
-__all__ = ["ResultsConfig", "ResultsError", "write_results"]

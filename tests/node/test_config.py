@@ -28,7 +28,7 @@ def test_every_key_in_config_yaml_has_a_comment_with_its_default() -> None:
     ("dicom:\n  ae_title: THIS_TITLE_IS_TOO_LONG\n", "dicom.ae_title"),
     ("dicom:\n  port: 70000\n", "dicom.port"),
     ("dicom:\n  allowed_networks: [not-a-network]\n", "dicom.allowed_networks"),
-    ("uid_root: 1.2.3\n", "uid_root"),
+    ("pipeline:\n  results:\n    uid_root: 1.2.3\n", "pipeline.results.uid_root"),
     ("destinations:\n  - {name: a, ae_title: A, host: h, port: 1}\n"
      "  - {name: a, ae_title: B, host: h, port: 2}\n", "destinations"),
     ("spool: {fsync: perhaps}\n", "spool.fsync"),

@@ -11,7 +11,8 @@ from pydicom.dataset import Dataset
 
 from pipeline.findings import Findings
 from pipeline.volume import Volume
-from sr_writer import ResultsConfig, write_results
+from sr_writer.config import ResultsConfig
+from sr_writer.results import write_results
 from tests.sr_writer.factory import findings_for, positive_case
 
 NOW = datetime.datetime(2024, 1, 2, 3, 4, 5)

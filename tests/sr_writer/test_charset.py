@@ -13,7 +13,8 @@ from pydicom.dataset import Dataset
 
 from pipeline.findings import Findings
 from pipeline.volume import Volume
-from sr_writer import ResultsConfig, write_results
+from sr_writer.config import ResultsConfig
+from sr_writer.results import write_results
 from tests.sr_writer.conftest import NOW
 from tests.sr_writer.factory import positive_case, reencode
 

@@ -9,7 +9,7 @@ from PIL import Image
 from pydicom import dcmread
 
 from pipeline.findings import SUBTYPE_CODE
-from sr_writer import ResultsConfig
+from sr_writer.config import ResultsConfig
 from sr_writer.preview import key_slices, orientation_letter
 from tests.sr_writer.conftest import Case
 

@@ -18,7 +18,8 @@ from pydicom.uid import (
 )
 
 from pipeline.findings import ModelIdentity
-from sr_writer import ResultsConfig, ResultsError, write_results
+from sr_writer.config import ResultsConfig
+from sr_writer.results import ResultsError, write_results
 from tests.sr_writer.conftest import NOW, Case
 
 IDENTITY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",

@@ -13,8 +13,9 @@ import pytest
 import SimpleITK as sitk
 
 from pipeline.findings import SUBTYPE_CODE
-from sr_writer import ResultsConfig, write_results
 from sr_writer import codes as result_codes
+from sr_writer.config import ResultsConfig
+from sr_writer.results import write_results
 from tests.sr_writer.conftest import NOW, Case
 from tests.sr_writer.factory import positive_case
 
