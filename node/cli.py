@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(resend)
     resend.add_argument("study_uid", metavar="STUDY_UID")
 
+    config = verbs.add_parser("config", help="print the effective configuration, commented")
+    _common(config)
+    config.add_argument("--defaults", action="store_true",
+                        help="print the defaults (what config.yaml holds) instead")
+
     volume = verbs.add_parser("volume", help="build the HU volume of a folder of CT instances")
     _common(volume)
     volume.add_argument("input_dir", type=Path, metavar="INPUT_DIR")
@@ -146,6 +151,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_status(config, args.json, args.limit)
         if args.verb == "resend":
             return cmd_resend(config, args.study_uid)
+        if args.verb == "config":
+            from node.configdoc import render
+
+            print(render(NodeConfig() if args.defaults else config), end="")
+            return 0
         if args.verb == "volume":
             from pipeline.volume import volume_command
 

@@ -59,14 +59,14 @@ class _Strict(BaseModel):
 class DicomConfig(_Strict):
     """The DICOM listener (PS3.8 upper layer, PS3.7 DIMSE)."""
 
-    ae_title: AETitle = Field("ICH_NODE", description="Our AE title")
-    host: str = Field("0.0.0.0", description="Address to listen on")
-    port: int = Field(11112, ge=0, le=65535, description="TCP port; 0 = any free port")
-    max_associations: int = Field(16, ge=1, description="Concurrent inbound associations")
-    max_pdu_bytes: int = Field(262144, ge=0, description="Maximum PDU we receive; 0 = unlimited")
-    acse_timeout_s: float = Field(30.0, gt=0, description="Association negotiation timeout")
-    dimse_timeout_s: float = Field(60.0, gt=0, description="DIMSE message timeout")
-    network_timeout_s: float = Field(60.0, gt=0, description="Idle network timeout")
+    ae_title: AETitle = Field("ICH_NODE", description="Our AE title, 1-16 characters")
+    host: str = Field("0.0.0.0", description="Address to listen on (0.0.0.0: all interfaces)")
+    port: int = Field(11112, ge=0, le=65535, description="TCP port to listen on; 0 = any free port")
+    max_associations: int = Field(16, ge=1, description="Concurrent inbound associations; more are rejected (local limit)")
+    max_pdu_bytes: int = Field(262144, ge=0, description="Largest PDU we receive, bytes; 0 = unlimited")
+    acse_timeout_s: float = Field(30.0, gt=0, description="Association negotiation timeout, seconds")
+    dimse_timeout_s: float = Field(60.0, gt=0, description="DIMSE message timeout, seconds")
+    network_timeout_s: float = Field(60.0, gt=0, description="Idle network timeout, seconds")
     allowed_calling_aes: list[AETitle] = Field(
         default_factory=list, description="Calling AE titles allowed; empty = any"
     )
@@ -74,11 +74,11 @@ class DicomConfig(_Strict):
         default_factory=list, description="Source IP networks allowed (CIDR); empty = any"
     )
     other_sop_classes: Literal["refuse", "accept_and_ignore"] = Field(
-        "refuse", description="Storage SOP classes other than (Enhanced) CT"
+        "refuse", description="Storage SOP classes other than (Enhanced) CT: refuse at negotiation, or accept_and_ignore"
     )
-    tcp_nodelay: bool = Field(True, description="Disable Nagle on our sockets")
+    tcp_nodelay: bool = Field(True, description="Disable Nagle (TCP_NODELAY) on our sockets, in and out")
     drain_timeout_s: float = Field(
-        30.0, ge=0, description="On stop, wait this long for active associations to finish"
+        30.0, ge=0, description="On stop, wait this long for active associations to finish, seconds"
     )
 
     @field_validator("allowed_networks")
@@ -95,20 +95,20 @@ class DicomConfig(_Strict):
 class SpoolConfig(_Strict):
     """Where received instances, state and results live."""
 
-    path: Path = Field(Path("spool"), description="Spool folder (relative to the working dir)")
-    min_free_mb: int = Field(1024, ge=0, description="Refuse associations below this free space")
-    fsync: bool = Field(True, description="fsync files and folders before Success")
+    path: Path = Field(Path("spool"), description="Spool folder: instances, state.db, results, job reports (relative to the working dir)")
+    min_free_mb: int = Field(1024, ge=0, description="Refuse new associations below this free space on the spool, MB")
+    fsync: bool = Field(True, description="fsync files and folders before answering Success")
 
 
 class AssemblyConfig(_Strict):
     """When a series counts as complete."""
 
-    quiet_seconds: float = Field(5.0, gt=0, description="Quiet period after the last instance")
+    quiet_seconds: float = Field(5.0, gt=0, description="A series is complete this long after its last instance, seconds")
     quiet_seconds_by_ae: dict[AETitle, float] = Field(
-        default_factory=dict, description="Quiet period per calling AE (overrides quiet_seconds)"
+        default_factory=dict, description="Quiet period per calling AE, seconds (overrides quiet_seconds), e.g. {SLOW_CT: 30}"
     )
     release_grace_seconds: float | None = Field(
-        1.0, ge=0, description="Early check this long after an association release; null = off"
+        1.0, ge=0, description="Check a series this long after the association that sent it is released, seconds; null = off"
     )
     rerun_on_late_instances: bool = Field(
         True, description="Instances arriving after analysis started cause a re-run"
@@ -131,55 +131,64 @@ class Destination(_Strict):
 class OutboundConfig(_Strict):
     """Retries of the outbound C-STORE queue."""
 
-    max_attempts: int = Field(8, ge=1, description="Attempts per study and destination")
-    backoff_initial_s: float = Field(5.0, gt=0, description="First retry delay, doubled each time")
-    backoff_max_s: float = Field(600.0, gt=0, description="Longest retry delay")
-    calling_ae_title: AETitle | None = Field(None, description="AE title we call with; null = ours")
+    max_attempts: int = Field(8, ge=1, description="Delivery attempts per study and destination before the dead letter")
+    backoff_initial_s: float = Field(5.0, gt=0, description="First retry delay, doubled each attempt, seconds")
+    backoff_max_s: float = Field(600.0, gt=0, description="Longest retry delay, seconds")
+    calling_ae_title: AETitle | None = Field(None, description="Calling AE title when sending; null = dicom.ae_title")
 
 
 class RetentionConfig(_Strict):
     """Deletion of processed data, so that the disk never fills by design."""
 
-    done_hours: float = Field(24.0, gt=0, description="Keep finished studies this long")
-    failed_days: float = Field(14.0, gt=0, description="Keep failed and dead-lettered ones this long")
-    sweep_interval_s: float = Field(600.0, gt=0, description="How often to sweep")
+    done_hours: float = Field(24.0, gt=0, description="Delete finished series and sent results after, hours")
+    failed_days: float = Field(14.0, gt=0, description="Keep failed series and dead-lettered results for, days")
+    sweep_interval_s: float = Field(600.0, gt=0, description="How often retention runs, seconds")
 
 
 class WorkerConfig(_Strict):
     """The analysis worker process."""
 
-    poll_interval_s: float = Field(0.5, gt=0, description="Job queue poll interval")
-    max_job_attempts: int = Field(3, ge=1, description="A job that kills its worker this often fails")
-    shutdown_grace_s: float = Field(30.0, ge=0, description="Wait this long for the current job on stop")
+    poll_interval_s: float = Field(0.5, gt=0, description="Job queue poll interval, seconds")
+    max_job_attempts: int = Field(3, ge=1, description="A job interrupted this often (crash, kill) fails instead of running again")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="On stop, wait this long for the running job, seconds; then it is re-queued")
 
 
 class HttpConfig(_Strict):
     """The HTTP endpoint for /metrics and /healthz."""
 
-    host: str = Field("127.0.0.1", description="Address; keep it local unless firewalled")
-    port: int = Field(9110, ge=0, le=65535, description="Port; 0 = disabled")
+    host: str = Field("127.0.0.1", description="Address of /metrics and /healthz; keep it local unless firewalled")
+    port: int = Field(9110, ge=0, le=65535, description="Port of /metrics and /healthz; 0 = disabled")
 
 
 class LoggingConfig(_Strict):
     """Log output."""
 
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    format: Literal["text", "json"] = "text"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="DEBUG, INFO, WARNING or ERROR")
+    format: Literal["text", "json"] = Field(
+        "text", description="text, or json (one JSON object per line)")
 
 
 class NodeConfig(_Strict):
     """The whole configuration of one node."""
 
-    dicom: DicomConfig = Field(default_factory=DicomConfig)
-    spool: SpoolConfig = Field(default_factory=SpoolConfig)
-    assembly: AssemblyConfig = Field(default_factory=AssemblyConfig)
-    destinations: list[Destination] = Field(default_factory=list)
-    outbound: OutboundConfig = Field(default_factory=OutboundConfig)
-    retention: RetentionConfig = Field(default_factory=RetentionConfig)
-    worker: WorkerConfig = Field(default_factory=WorkerConfig)
-    http: HttpConfig = Field(default_factory=HttpConfig)
-    logging: LoggingConfig = Field(default_factory=LoggingConfig)
-    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    dicom: DicomConfig = Field(default_factory=DicomConfig, description="The DICOM listener")
+    spool: SpoolConfig = Field(default_factory=SpoolConfig, description="Durable storage")
+    assembly: AssemblyConfig = Field(default_factory=AssemblyConfig,
+                                     description="When a series is complete")
+    destinations: list[Destination] = Field(
+        default_factory=list, description="Where results go (C-STORE SCPs); none by default")
+    outbound: OutboundConfig = Field(default_factory=OutboundConfig,
+                                     description="Retries of result delivery")
+    retention: RetentionConfig = Field(default_factory=RetentionConfig,
+                                       description="Deletion of processed data")
+    worker: WorkerConfig = Field(default_factory=WorkerConfig,
+                                 description="The analysis worker process")
+    http: HttpConfig = Field(default_factory=HttpConfig, description="Metrics and health")
+    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Log output")
+    pipeline: PipelineConfig = Field(
+        default_factory=PipelineConfig,
+        description="Series selection, volume, windows, models and result objects")
 
     @field_validator("destinations")
     @classmethod

@@ -9,6 +9,7 @@ import pytest
 
 from node.cli import build_parser, config_from_args
 from node.config import ConfigError, NodeConfig, load_config
+from node.configdoc import render
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -17,10 +18,24 @@ def test_shipped_config_yaml_equals_the_defaults() -> None:
     assert load_config(REPO / "config.yaml", environ={}) == NodeConfig()
 
 
+def test_config_yaml_is_the_rendering_of_the_defaults() -> None:
+    """Regenerate with ``ich-node config --defaults > config.yaml`` after changing a key."""
+    assert (REPO / "config.yaml").read_text() == render(NodeConfig())
+
+
 def test_every_key_in_config_yaml_has_a_comment_with_its_default() -> None:
     for line in (REPO / "config.yaml").read_text().splitlines():
-        if re.match(r"^\s*[a-z_]+:\s*\S", line) and not line.strip().startswith("#"):
-            assert "#" in line and "default" in line, f"undocumented key: {line.strip()}"
+        if re.match(r"^\s*[a-z_0-9]+: \S", line) and not line.strip().startswith("#"):
+            assert "#" in line and "default" in line.lower(), f"undocumented key: {line.strip()}"
+
+
+def test_rendered_effective_config_round_trips(tmp_path: Path) -> None:
+    cfg = load_config(None, {"dicom": {"port": 104, "allowed_calling_aes": ["CT_ER"]},
+                             "destinations": [{"name": "pacs", "ae_title": "PACS",
+                                               "host": "10.0.0.5", "port": 104}]}, environ={})
+    path = tmp_path / "effective.yaml"
+    path.write_text(render(cfg))
+    assert load_config(path, environ={}) == cfg
 
 
 @pytest.mark.parametrize(("yaml_text", "key"), [
