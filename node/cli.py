@@ -50,6 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--defaults", action="store_true",
                         help="print the defaults (what config.yaml holds) instead")
 
+    phantom = verbs.add_parser("phantom", help="write synthetic head-CT studies with labels")
+    _common(phantom)
+    phantom.add_argument("--out", type=Path, required=True, help="output folder")
+    phantom.add_argument("--n", type=int, default=1, help="number of studies (default 1)")
+    phantom.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    phantom.add_argument("--subtypes", nargs="+", metavar="SUBTYPE",
+                         help="hemorrhage subtypes in every study (default: random, about "
+                              "half the studies negative); 'none' for negatives")
+    phantom.add_argument("--slices", type=int, help="slices per study (default: random 20-300)")
+    phantom.add_argument("--matrix", type=int, default=512, help="rows = columns (default 512)")
+    phantom.add_argument("--layout", choices=("dicom", "ctich"), default="dicom",
+                         help="DICOM + RSNA CSV + NIfTI masks, or the CT-ICH layout")
+    phantom.add_argument("--patient-name", help="PatientName of every study")
+
     volume = verbs.add_parser("volume", help="build the HU volume of a folder of CT instances")
     _common(volume)
     volume.add_argument("input_dir", type=Path, metavar="INPUT_DIR")
@@ -131,6 +145,18 @@ def cmd_resend(config: NodeConfig, study_uid: str) -> int:
     return 0
 
 
+def cmd_phantom(args: argparse.Namespace) -> int:
+    """``ich-node phantom``: write studies and print one line per study."""
+    from pipeline.phantom import write_studies
+
+    subtypes = [] if args.subtypes == ["none"] else args.subtypes
+    for study in write_studies(args.out, args.n, args.seed, subtypes, args.slices, args.matrix,
+                               args.layout, patient_name=args.patient_name):
+        found = ", ".join(f"{k} {v:.1f} mL" for k, v in study.volume_ml.items() if v) or "negative"
+        print(f"{study.study_dir}: {study.n_slices} slices, {found}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ich-node`` console script."""
     args = build_parser().parse_args(argv)
@@ -156,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(render(NodeConfig() if args.defaults else config), end="")
             return 0
+        if args.verb == "phantom":
+            return cmd_phantom(args)
         if args.verb == "volume":
             from pipeline.volume import volume_command
 

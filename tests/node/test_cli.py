@@ -115,3 +115,14 @@ def test_volume_verb_writes_nifti_and_reports(tmp_path: Path) -> None:
     empty.mkdir()
     failed = _run("volume", str(empty), "--out", str(tmp_path / "x.nii.gz"))
     assert failed.returncode == 1 and "SeriesRejected" in failed.stderr
+
+
+def test_phantom_verb_writes_studies_that_the_volume_verb_reads(tmp_path: Path) -> None:
+    result = _run("phantom", "--out", str(tmp_path / "ph"), "--n", "1", "--seed", "5",
+                  "--slices", "24", "--matrix", "128", "--subtypes", "subdural")
+    assert result.returncode == 0, result.stderr
+    assert "24 slices, subdural" in result.stdout
+    study = next(p for p in sorted((tmp_path / "ph").iterdir()) if p.is_dir())
+    volume = _run("volume", str(study), "--out", str(tmp_path / "v.nii.gz"), "--json")
+    assert volume.returncode == 0, volume.stderr
+    assert json.loads(volume.stdout)["volume"]["shape_zyx"] == [24, 128, 128]
