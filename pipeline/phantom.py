@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+import SimpleITK as sitk
 
 from pipeline.phantom_anatomy import (
     T_MIXED,
@@ -179,11 +180,9 @@ def _random_requests(rng: np.random.Generator, negative_fraction: float) -> list
     return [LesionRequest(SUBTYPES[int(i)]) for i in sorted(chosen)]
 
 
-def _snap_thickness(step: float) -> float:
-    for t in THICKNESSES_MM:
-        if t >= step - 1e-6:
-            return t
-    return THICKNESSES_MM[-1]
+def _snap_thickness(nz: int, extent: float) -> float:
+    """The standard thickness whose coverage with ``nz`` slices is closest to ``extent`` (mm)."""
+    return min(THICKNESSES_MM, key=lambda t: abs(math.log((nz - 1) * t / extent)))
 
 
 def _plan_grid(rng: np.random.Generator, pose: Pose, scanner: ScannerProfile, nz: int | None, ny: int, nx: int,
@@ -201,7 +200,7 @@ def _plan_grid(rng: np.random.Generator, pose: Pose, scanner: ScannerProfile, nz
         if thickness is not None:
             t = float(thickness)
         elif nz is not None:
-            t = _snap_thickness(extent / (nz - 1))
+            t = _snap_thickness(nz, extent)
         else:
             t = float(rng.choice([p[0] for p in _PROTOCOLS], p=[p[1] for p in _PROTOCOLS]))
         dz = t
@@ -386,9 +385,7 @@ def write_dicom_series(study: PhantomStudy, out_dir: Path, series_number: int = 
                         study.scanner, study.identity, series_number)
 
 
-def _sitk_image(study: PhantomStudy, array: npt.NDArray[np.generic]) -> object:
-    import SimpleITK as sitk
-
+def _sitk_image(study: PhantomStudy, array: npt.NDArray[np.generic]) -> sitk.Image:
     img = sitk.GetImageFromArray(array)
     dz, dy, dx = study.spacing_mm
     img.SetSpacing((dx, dy, dz))
@@ -399,8 +396,6 @@ def _sitk_image(study: PhantomStudy, array: npt.NDArray[np.generic]) -> object:
 
 def write_mask_nifti(study: PhantomStudy, path: Path, binary: bool = False) -> Path:
     """Write the label map (codes 0-5, or 0/1 if ``binary``) as NIfTI with the series geometry."""
-    import SimpleITK as sitk
-
     arr = (study.labels > 0).astype(np.uint8) if binary else study.labels
     sitk.WriteImage(_sitk_image(study, arr), str(path), useCompression=str(path).endswith(".gz"))
     return Path(path)
@@ -408,8 +403,6 @@ def write_mask_nifti(study: PhantomStudy, path: Path, binary: bool = False) -> P
 
 def write_ct_nifti(study: PhantomStudy, path: Path) -> Path:
     """Write the HU volume (int16) as NIfTI with the series geometry."""
-    import SimpleITK as sitk
-
     sitk.WriteImage(_sitk_image(study, study.hu.astype(np.int16)), str(path), useCompression=str(path).endswith(".gz"))
     return Path(path)
 

@@ -25,6 +25,7 @@ from pipeline.phantom_geometry import (
     Frame,
     Grid,
     Points,
+    Scalar,
     SmoothField,
     capsule,
     ellipsoid,
@@ -560,8 +561,8 @@ def _calcifications(rng: np.random.Generator, frame: Frame, scale: float, lat: l
         out.append(Calcification("falx", make_ell(frame, scale, (0.0, y, z), (1.3, 7.0 * sizes[2], 3.0 * sizes[2])),
                                  180.0 + 400.0 * float(hus[2])))
     if draws[3] < 0.15:
-        for side in (1.0, -1.0):
-            out.append(Calcification("basal ganglia", make_ell(frame, scale, (17.0 * side, -1.0, 0.0),
+        for sign in (1.0, -1.0):
+            out.append(Calcification("basal ganglia", make_ell(frame, scale, (17.0 * sign, -1.0, 0.0),
                                                                (2.2 * sizes[3], 3.5 * sizes[3], 2.2 * sizes[3])),
                                      90.0 + 110.0 * float(hus[3])))
     return tuple(out)
@@ -617,7 +618,7 @@ class Painter:
         self.cls: npt.NDArray[np.uint8] | None = np.zeros(shape, np.uint8) if tissue else None
         self.pure: npt.NDArray[np.bool_] | None = np.ones(shape, bool) if tissue else None
 
-    def paint(self, target: F32 | float, f: F32, cls: int, sl: tuple[slice, slice, slice] | None = None) -> None:
+    def paint(self, target: F32 | Scalar, f: F32, cls: int, sl: tuple[slice, slice, slice] | None = None) -> None:
         """Paint material ``target`` (HU) of class ``cls`` with fraction ``f`` on region ``sl``."""
         region = (slice(None),) * 3 if sl is None else sl
         lerp_into(self.v[region], target, f)

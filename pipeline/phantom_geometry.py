@@ -16,15 +16,18 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 LOGGER = logging.getLogger(__name__)
 
-F32 = npt.NDArray[np.float32]
+# Arrays are float32 at run time; the alias accepts any float dtype so that numpy's scalar
+# promotion rules in the stubs do not need casts everywhere.
+F32 = npt.NDArray[np.floating[Any]]
 F64 = npt.NDArray[np.float64]
+Scalar = float | np.floating[Any]
 Vec3 = tuple[float, float, float]
 
 
@@ -296,12 +299,12 @@ def capsule(coords: Coords, a: F64, b: F64, ra: float, rb: float, want_nz: bool 
     return d.astype(np.float32, copy=False), nz
 
 
-def ramp(d: F32, w: F32 | float) -> F32:
+def ramp(d: F32, w: F32 | Scalar) -> F32:
     """Partial-volume fraction of the region ``d < 0`` for a box filter of width ``w`` (mm)."""
     return ramp_iw(d, np.float32(1.0) / np.asarray(w, dtype=np.float32))
 
 
-def ramp_iw(d: F32, iw: F32 | np.float32) -> F32:
+def ramp_iw(d: F32, iw: F32 | Scalar) -> F32:
     """:func:`ramp` given the inverse width ``1 / w`` (cheaper when reused)."""
     out = d * (-iw)
     out += np.float32(0.5)
@@ -309,7 +312,7 @@ def ramp_iw(d: F32, iw: F32 | np.float32) -> F32:
     return out.astype(np.float32, copy=False)
 
 
-def sheet(dist: F32, half_width: F32 | float, w: F32 | float) -> F32:
+def sheet(dist: F32, half_width: F32 | Scalar, w: F32 | Scalar) -> F32:
     """Fraction of a thin slab ``|dist| < half_width`` after a box filter of width ``w`` (mm).
 
     The plateau is capped at ``2 * half_width / w`` so that sub-voxel sheets fade
@@ -336,7 +339,7 @@ def smax(a: F32, b: F32, k: float) -> F32:
     return -smin(-a, -b, k)
 
 
-def lerp_into(v: F32, target: F32 | float, f: F32) -> None:
+def lerp_into(v: F32, target: F32 | Scalar, f: F32) -> None:
     """``v += f * (target - v)`` in place (paint a material with fraction ``f``)."""
     t = np.asarray(target, dtype=np.float32) - v
     t *= f

@@ -303,7 +303,8 @@ def _draw_shape(m: HeadModel, rng: np.random.Generator, subtype: str, vol: float
             c_t = m.frame.to_template(ps - float(rng.uniform(14, 26)) * n)
         p = m.frame.to_patient(c_t)
         rot = rotation_matrix(float(rng.uniform(-180, 180)), float(rng.uniform(-30, 30)), float(rng.uniform(-30, 30)))
-        unit = tuple(10.0 * float(rng.uniform(0.75, 1.3)) for _ in range(3))
+        ua, ub, uc = (10.0 * float(v) for v in rng.uniform(0.75, 1.3, 3))
+        unit = (ua, ub, uc)
         rows = (rot.T @ m.frame.A) / np.asarray(unit)[:, None]
         return _mk(subtype, "blob", f"{_side_name(m, p)} {variant}", p, rows, max(unit),
                    float(rng.uniform(62.0, 85.0)), side, vol, irregular=float(rng.uniform(0.06, 0.22)),
@@ -343,7 +344,8 @@ def lesion_field(m: HeadModel, les: LesionModel, blk: Block, f: Fields) -> Lesio
     sx = np.float32(m.scale)
     inf = np.float32(np.inf)
     if les.kind in ("lens", "blob", "sah", "cast"):
-        h, kappa = _ell_f_kappa(blk, les)
+        h, kappa_e = _ell_f_kappa(blk, les)
+        kappa: F32 | None = kappa_e
         if les.kind == "blob":
             h *= np.float32(1.0) + np.float32(les.irregular) * np.clip(f.tex, -1.5, 1.5)
             ok = (f.d_cav + np.float32(m.gap) < 0) & (f.d_vent > 0)
@@ -366,10 +368,8 @@ def lesion_field(m: HeadModel, les: LesionModel, blk: Block, f: Fields) -> Lesio
         qn = blk.lin(les.rows[0] * float(np.linalg.norm(les.rows[1])), les.p0)
         q0 = qt1 * qt1 + qt2 * qt2 + qn * qn
         delta = np.maximum(-f.d_cav, 0.0) * np.float32(1.0 / les.t0)
-        root = np.sqrt(delta * delta + np.float32(4.0) * q0)
-        x = (delta + root) * np.float32(0.5)
-        h = x * x
-        kappa = np.float32(les.t0) / (x * (np.float32(1.0) + delta / (root + np.float32(1e-6))) + np.float32(1e-3))
+        inv_r = 0.5 * float(np.linalg.norm(les.rows[1]) + np.linalg.norm(les.rows[2]))
+        h, kappa = _crescent_h(delta, q0, les.t0, inv_r)
         ok = f.d_cav < 0
         h = np.where(ok, h, np.float32(np.inf))
         return LesionField(h.astype(np.float32), ok, f.f_cav, kappa.astype(np.float32))
@@ -390,12 +390,22 @@ def lesion_field(m: HeadModel, les: LesionModel, blk: Block, f: Fields) -> Lesio
         q0 = dx * dx + dy * dy
         ok = (f.d_cav < 0) & (above > 0) & (u1 > 12.0) & (u2 > -34.0)
         delta = np.maximum(above, 0.0) * np.float32(1.0 / les.t0)
+    h, kappa = _crescent_h(delta, q0, les.t0, 1.0 / (30.0 if les.kind == "tent" else 28.0))
+    h = np.where(ok, h, inf).astype(np.float32)
+    return LesionField(h, ok, f.f_cav, kappa)
+
+
+def _crescent_h(delta: F32, q0: F32, t0: float, inv_r: float) -> tuple[F32, F32]:
+    """``h`` of a layer whose thickness ``t0 sqrt(s) (1 - q0 / s)`` tapers over a patch of radius
+    ``r sqrt(s)``: the root of ``s - q0 = delta sqrt(s)``; and ``1 / |grad h|`` in mm."""
     root = np.sqrt(delta * delta + np.float32(4.0) * q0)
     x = (delta + root) * np.float32(0.5)
     h = x * x
-    kappa = np.float32(les.t0) / (x * (np.float32(1.0) + delta / (root + np.float32(1e-6))) + np.float32(1e-3))
-    h = np.where(ok, h, inf).astype(np.float32)
-    return LesionField(h, ok, f.f_cav, kappa.astype(np.float32))
+    inv_root = np.float32(1.0) / (root + np.float32(1e-6))
+    dh_depth = x * (np.float32(1.0) + delta * inv_root) * np.float32(1.0 / t0)
+    dh_tan = np.float32(4.0 * inv_r) * x * inv_root * np.sqrt(q0)
+    grad = np.sqrt(dh_depth * dh_depth + dh_tan * dh_tan) + np.float32(1e-4)
+    return h.astype(np.float32), (np.float32(1.0) / grad).astype(np.float32)
 
 
 def _ell_f_kappa(blk: Block, les: LesionModel) -> tuple[F32, F32]:
@@ -599,7 +609,12 @@ def paint_lesions(m: HeadModel, rd: Rendered, lesions: tuple[LesionModel, ...], 
         if les.swirl:
             swirl = ramp(np.float32(0.9) - m.fine.on(sb), np.float32(0.4))
             value = value - np.float32(22.0) * swirl
-        lerp_into(canvas, value, frac.astype(np.float32))
+        # Blood replaces the soft-tissue/CSF part of a voxel, not the bone (or calcification) that
+        # shares a partial-volume voxel with it: v += frac * (blood - inside), inside ~ clip(v).
+        soft = np.clip(canvas, np.float32(-20.0), np.float32(60.0))
+        value -= soft
+        value *= frac
+        canvas += value
         labels[full][inside] = np.uint8(les.code)
         lesion_id[full][inside] = np.uint8(i + 1)
         if tissue is not None:
