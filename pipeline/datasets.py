@@ -153,7 +153,7 @@ class RsnaSeries:
 
 def find_rsna_csv(root: Path) -> Path:
     """``stage_2_train.csv`` (or ``stage_1_train.csv``, or the only CSV) under ``root``."""
-    for name in ("stage_2_train.csv", "stage_1_train.csv", "labels.csv"):
+    for name in ("stage_2_train.csv", "stage_1_train.csv", "rsna_labels.csv", "labels.csv"):
         if (root / name).is_file():
             return root / name
     found = sorted(root.glob("*.csv"))
@@ -193,7 +193,11 @@ def index_rsna(root: Path, csv_path: Path | None = None) -> list[RsnaSeries]:
     masks = {p.name.split(".nii")[0]: p for p in root.rglob("*.nii*")}
     out = []
     for (study, series), files in sorted(groups.items()):
-        out.append(RsnaSeries(study, series, files, labels, masks.get(series)))
+        mask = masks.get(series)
+        if mask is None:  # the phantom's layout: study_NNNN/dicom/*.dcm + study_NNNN/mask.nii.gz
+            near = sorted(files[0].parent.parent.glob("mask.nii*"))
+            mask = near[0] if near else None
+        out.append(RsnaSeries(study, series, files, labels, mask))
     return out
 
 
@@ -339,34 +343,29 @@ def ctich_studies(root: Path) -> Iterator[Study]:
 # --------------------------------------------------------------------------- phantom
 
 
-def phantom_studies(n: int, seed: int, matrix: int = 128, **options: Any) -> Iterator[Study]:
-    """``n`` phantom studies generated in memory (study ``i`` from seed ``seed + i``).
+def phantom_studies(n: int, seed: int, matrix: int = 128,
+                    slices: tuple[int, int] = (24, 40), **options: Any) -> Iterator[Study]:
+    """``n`` phantom studies generated in memory; study ``i`` comes from seed ``seed + i``
+    and has ``matrix`` x ``matrix`` pixels and a slice count drawn from ``slices``
+    (inclusive range; the phantom picks the spacing that covers the head).
 
-    ``options`` go to :func:`pipeline.phantom.generate_volume` (shape, spacing,
-    subtypes, ...); ``matrix`` sets the in-plane size when ``shape`` is not given.
+    ``options`` go to :func:`pipeline.phantom.generate_volume` (``subtypes``,
+    ``negative_fraction``, ``hard_negatives``, ``spacing``).
     """
     import importlib  # the phantom is not needed to read RSNA or CT-ICH data
 
     phantom: Any = importlib.import_module("pipeline.phantom")
-
     for i in range(n):
-        study: Any = phantom.generate_volume(seed + i, **_phantom_options(matrix, options))
+        nz = int(np.random.default_rng([seed + i, 1]).integers(slices[0], slices[1] + 1))
+        study = phantom.generate_volume(seed + i, shape=(nz, matrix, matrix), **options)
         yield phantom_to_study(study, f"phantom-{seed + i}")
 
 
-def _phantom_options(matrix: int, options: dict[str, Any]) -> dict[str, Any]:
-    out = dict(options)
-    out.setdefault("matrix", matrix)
-    return out
-
-
 def phantom_to_study(study: Any, study_id: str) -> Study:
-    """A :class:`pipeline.phantom.PhantomStudy` as a :class:`Study`."""
+    """A :class:`pipeline.phantom.PhantomStudy` as a :class:`Study` (LPS geometry kept)."""
     hu = np.asarray(study.hu, dtype=np.float32)
-    spacing = tuple(float(s) for s in study.spacing_mm)
-    image = getattr(study, "image", None)
-    if not isinstance(image, sitk.Image):
-        image = image_for(hu, spacing)
+    image = image_for(hu, tuple(float(s) for s in study.spacing_mm), study.origin,
+                      study.direction)
     labels = np.asarray(study.slice_labels, dtype=np.uint8)
     return Study(study_id, hu, image, any_from_subtypes(labels),
                  np.asarray(study.labels, dtype=np.uint8))

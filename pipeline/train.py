@@ -195,9 +195,11 @@ def _as_float(windows: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(windows)).float().div_(255.0)
 
 
-def _augment(x: torch.Tensor, rng: np.random.Generator, y: torch.Tensor | None = None,
-             max_shift: int = 6) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Same left-right flip and in-plane shift for input (..., H, W) and target (..., H, W)."""
+def _augment(x: torch.Tensor, rng: np.random.Generator, y: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Same left-right flip and in-plane shift (up to 4 % of the side) for input
+    (..., H, W) and target (..., H, W)."""
+    max_shift = round(0.04 * x.shape[-1])
     if rng.random() < 0.5:
         x = x.flip(-1)
         y = y.flip(-1) if y is not None else None
@@ -390,6 +392,17 @@ def validate_segmenter(model: Segmenter, studies: list[Prepared], spec: InputSpe
 # --------------------------------------------------------------------------- loop
 
 
+def learning_rate(step: int, total: int, peak: float, warmup: float = 0.1) -> float:
+    """Linear warm-up over the first ``warmup`` of ``total`` steps, then cosine decay to
+    1 % of ``peak``; a run resumed with more epochs continues on the longer schedule."""
+    total = max(total, 1)
+    ramp = max(int(warmup * total), 1)
+    if step < ramp:
+        return peak * (0.04 + 0.96 * step / ramp)
+    t = min((step - ramp) / max(total - ramp, 1), 1.0)
+    return peak * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * t)))
+
+
 def _device(choice: str) -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
         raise TrainingError("--device cuda but torch sees no CUDA device")
@@ -468,13 +481,11 @@ def run_training(opts: TrainOptions, out: Path, resume: bool = False,
         steps = opts.steps_per_epoch or math.ceil(len(positives) / opts.batch)
         cw = class_weights(train_set).to(dev)
     optimizer = torch.optim.AdamW(net.parameters(), lr=opts.lr, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=opts.lr, total_steps=max(opts.epochs * steps, 1), pct_start=0.15)
     use_amp = dev.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     last_path, best_path = out / "last.pt", out / "best.pt"
-    first_epoch, best_score, best_epoch = 0, -math.inf, -1
+    first_epoch, best_score, best_epoch, global_step = 0, -math.inf, -1, 0
     history: list[dict[str, Any]] = []
     if resume and last_path.is_file():
         ckpt = torch.load(last_path, map_location=dev, weights_only=False)
@@ -485,10 +496,10 @@ def run_training(opts: TrainOptions, out: Path, resume: bool = False,
                                     f"this run asks for {getattr(opts, key)!r}")
         net.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         first_epoch, best_score, best_epoch = ckpt["epoch"] + 1, ckpt["best_score"], \
             ckpt["best_epoch"]
+        global_step = int(ckpt["global_step"])
         history = list(ckpt["history"])
         rng = np.random.default_rng()
         rng.bit_generator.state = ckpt["rng"]
@@ -506,6 +517,9 @@ def run_training(opts: TrainOptions, out: Path, resume: bool = False,
         bar = tqdm(range(steps), desc=f"{opts.kind} epoch {epoch + 1}/{opts.epochs}",
                    unit="step", disable=None)
         for _ in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(global_step, opts.epochs * steps, opts.lr)
+            global_step += 1
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=use_amp):
                 if isinstance(net, SliceSeriesClassifier):
@@ -522,7 +536,6 @@ def run_training(opts: TrainOptions, out: Path, resume: bool = False,
             nn.utils.clip_grad_norm_(net.parameters(), 5.0)
             scaler.step(optimizer)
             scaler.update()
-            scheduler.step()
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         if isinstance(net, SliceSeriesClassifier):
@@ -538,7 +551,7 @@ def run_training(opts: TrainOptions, out: Path, resume: bool = False,
             best_score, best_epoch = float(val["score"]), epoch + 1
             _save_best(net, spec, arch, opts, val, record, train_set, val_set, best_path)
         torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                    "global_step": global_step, "scaler": scaler.state_dict(),
                     "epoch": epoch, "best_score": best_score, "best_epoch": best_epoch,
                     "history": history, "rng": rng.bit_generator.state,
                     "torch_rng": torch.get_rng_state(), "options": asdict(opts),

@@ -63,7 +63,7 @@ class SliceEncoder(nn.Module):
                                       act="relu"))
             c_in = width
         self.features = nn.Sequential(*layers)
-        self.project = nn.Sequential(nn.Linear(2 * c_in, arch.embedding), nn.ReLU())
+        self.project = nn.Sequential(nn.Linear(2 * c_in, arch.embedding), nn.LayerNorm(arch.embedding))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(n, C, H, W) -> (n, embedding)."""

@@ -25,17 +25,18 @@ from pipeline.models.inputs import (
 from pipeline.models.segmenter import N_CLASSES, SegmenterArch, build_segmenter
 from pipeline.models.weights import WeightsMeta, load_weights, save_weights, sidecar_path
 
-# Where each subtype sits in the toy head (fractions of the matrix: row, column, radius).
-_TOY_BLOBS: dict[str, tuple[float, float, float]] = {
-    "epidural": (0.25, 0.5, 0.07), "intraparenchymal": (0.5, 0.32, 0.08),
-    "intraventricular": (0.5, 0.5, 0.05), "subarachnoid": (0.68, 0.66, 0.05),
-    "subdural": (0.5, 0.76, 0.06)}
+# Where each subtype sits in the toy head (fractions of the matrix: row, column, radius)
+# and its HU, so that a tiny network can tell them apart in a few steps.
+_TOY_BLOBS: dict[str, tuple[float, float, float, float]] = {
+    "epidural": (0.25, 0.5, 0.08, 100.0), "intraparenchymal": (0.5, 0.3, 0.09, 75.0),
+    "intraventricular": (0.5, 0.5, 0.07, 60.0), "subarachnoid": (0.7, 0.66, 0.07, 130.0),
+    "subdural": (0.5, 0.74, 0.07, 160.0)}
 
 
 def toy_study(seed: int, subtypes: tuple[str, ...] = (), matrix: int = 32, slices: int = 8,
               spacing: tuple[float, float, float] = (5.0, 7.0, 7.0)) -> Study:
-    """A tiny synthetic head: skull ring, brain at 35 HU, 70 HU blobs per subtype on the
-    middle slices (each subtype in its own place), noise. Test data only."""
+    """A tiny synthetic head: skull ring, brain at 35 HU, one blob per subtype on the
+    middle slices (each subtype with its own place and HU), noise. Test data only."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:matrix, 0:matrix] / matrix
     r = np.hypot(yy - 0.5, xx - 0.5)
@@ -47,10 +48,10 @@ def toy_study(seed: int, subtypes: tuple[str, ...] = (), matrix: int = 32, slice
     labels = np.zeros((slices, len(LABELS)), np.uint8)
     z0, z1 = slices // 4, slices // 4 + max(2, slices // 2)
     for name in subtypes:
-        cy, cx, rad = _TOY_BLOBS[name]
+        cy, cx, rad, value = _TOY_BLOBS[name]
         blob = np.hypot(yy - cy, xx - cx) < rad
         for k in range(z0, z1):
-            hu[k][blob] = 70.0 + rng.normal(0, 4, int(blob.sum()))
+            hu[k][blob] = value + rng.normal(0, 4, int(blob.sum()))
             mask[k][blob] = SUBTYPE_CODE[name]
             labels[k, 0] = 1
             labels[k, LABELS.index(name)] = 1

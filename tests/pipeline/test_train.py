@@ -1,0 +1,81 @@
+"""Training: tiny overfit runs, checkpoints, resume and metadata."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.datasets import Study
+from pipeline.evaluate import operating_point, roc_auc, sensitivity_specificity, weighted_log_loss
+from pipeline.findings import SUBTYPES
+from pipeline.models.inputs import classifier_spec, segmenter_spec
+from pipeline.models.weights import load_weights
+from pipeline.train import TrainingError, train
+from tests.pipeline.test_models import toy_study
+
+
+def toy_set(n: int, seed: int) -> list[Study]:
+    """Studies with 0, 1 or 2 subtypes, every subtype present and absent somewhere."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        k = i % 3
+        subtypes = tuple(str(s) for s in rng.choice(SUBTYPES, size=k, replace=False))
+        out.append(toy_study(seed * 100 + i, subtypes))
+    return out
+
+
+def test_metric_helpers() -> None:
+    y = np.array([0, 0, 1, 1])
+    assert roc_auc(y, np.array([0.1, 0.4, 0.35, 0.8])) == pytest.approx(0.75)
+    assert roc_auc(y, np.array([0.5, 0.5, 0.5, 0.5])) == pytest.approx(0.5)
+    assert roc_auc(np.zeros(3), np.ones(3)) is None
+    t = operating_point(y, np.array([0.1, 0.4, 0.35, 0.8]), 0.95)
+    assert 0.1 < t < 0.35
+    assert sensitivity_specificity(y, np.array([0.1, 0.4, 0.35, 0.8]), t) == (1.0, 0.5)
+    perfect = np.eye(6)[[0, 1]]
+    assert weighted_log_loss(perfect, perfect) < 1e-5
+
+
+def test_classifier_overfits_and_resumes(tmp_path: Path) -> None:
+    studies = toy_set(9, seed=1)
+    out = tmp_path / "cls"
+    result = train("classifier", None, "phantom", out, epochs=5, batch=3, lr=3e-3, seed=0,
+                   size=32, seq_len=8, steps_per_epoch=16, studies=studies, device="cpu")
+    assert result.best.is_file() and result.last.is_file()
+    assert (out / "best.json").is_file() and (out / "history.json").is_file()
+    state, meta = load_weights(result.best, classifier_spec(32, 1), "classifier")
+    assert meta.operating_points.keys() == {"any", *SUBTYPES}
+    aucs = meta.metrics["validation"]["auc_series"]
+    assert aucs["any"] == pytest.approx(1.0), meta.metrics
+    slice_aucs = list(meta.metrics["validation"]["auc_slice"].values())
+    assert min(slice_aucs) > 0.8 and np.mean(slice_aucs) > 0.9, meta.metrics
+    assert meta.training["options"]["size"] == 32 and meta.demo
+
+    more = train("classifier", None, "phantom", out, epochs=6, batch=3, lr=3e-3, seed=0,
+                 size=32, seq_len=8, steps_per_epoch=16, studies=studies, device="cpu",
+                 resume=True)
+    assert more.epochs_run == 6 and len(more.history) == 6
+    with pytest.raises(TrainingError, match="size"):
+        train("classifier", None, "phantom", out, epochs=8, size=64, studies=studies,
+              device="cpu", resume=True)
+
+
+def test_segmenter_overfits(tmp_path: Path) -> None:
+    studies = toy_set(6, seed=2)
+    result = train("segmenter", None, "phantom", tmp_path / "seg", epochs=4, batch=8,
+                   lr=1e-2, seed=0, size=32, steps_per_epoch=20, studies=studies,
+                   device="cpu")
+    _, meta = load_weights(result.best, segmenter_spec(32, 1), "segmenter")
+    dice = meta.metrics["validation"]["dice"]
+    assert dice["all"] > 0.8, dice
+    history = json.loads((tmp_path / "seg" / "history.json").read_text())
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_phantom_needs_no_folder_other_formats_do(tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match="needs --data"):
+        train("classifier", None, "rsna", tmp_path, epochs=1, device="cpu")
