@@ -81,7 +81,7 @@ LOGGER = logging.getLogger(__name__)
 __all__ = [
     "CTICH_FIRST_PATIENT", "PUBLISHED_HU", "RSNA_LABELS", "SUBTYPES", "SUBTYPE_CODES", "LABEL_PRIORITY",
     "Lesion", "LesionRequest", "PhantomStudy", "ScannerProfile", "StudyIdentity", "StudySummary",
-    "generate_study", "generate_volume", "tissue_stats", "write_ct_nifti",
+    "generate_study", "generate_volume", "render_gallery", "tissue_stats", "write_ct_nifti",
     "write_dicom_series", "write_mask_nifti", "write_rsna_labels", "write_studies",
 ]
 
@@ -128,6 +128,7 @@ class PhantomStudy:
     slice_labels: npt.NDArray[np.uint8]
     lesions: tuple[Lesion, ...]
     hard_negatives: tuple[str, ...]
+    hard_negative_sites: tuple[tuple[str, tuple[float, float, float]], ...]
     slice_thickness_mm: float
     scanner: ScannerProfile
     identity: StudyIdentity
@@ -273,10 +274,12 @@ def _generate(seed: int, nz: int | None, ny: int, nx: int, spacing: tuple[float,
     )
     ident = draw_identity(r_id, seed, nzz, uid_root, patient_name, patient_index)
     mimics = tuple(sorted({c.name for c in model.calcifications})) + ("beam-hardening streaks",)
+    sites = tuple((c.name, (float(c.shape.p0[0]), float(c.shape.p0[1]), float(c.shape.p0[2])))
+                  for c in model.calcifications)
     study = PhantomStudy(
         seed=seed, hu=hu, labels=labels, spacing_mm=grid.spacing, origin=grid.origin,
         direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0), slice_labels=slice_labels(labels),
-        lesions=reported, hard_negatives=mimics, slice_thickness_mm=t, scanner=scanner, identity=ident,
+        lesions=reported, hard_negatives=mimics, hard_negative_sites=sites, slice_thickness_mm=t, scanner=scanner, identity=ident,
         tissue=tissue, lesion_ids=ids,
     )
     LOGGER.debug("Phantom %s: %d slices, lesions %s", ident.study_instance_uid, nzz,
@@ -555,4 +558,106 @@ def tissue_stats(study: PhantomStudy) -> dict[str, dict[str, float]]:
             continue
         vals = flat_h[sel].astype(np.float64)
         out[name] = {"mean": float(vals.mean()), "std": float(vals.std()), "n": float(sel.size)}
+    return out
+
+
+# Rows of the gallery: (title, seed, requests). Seeds were picked once by eye for typical cases.
+_GALLERY_ROWS: tuple[tuple[str, int, tuple[str, ...]], ...] = (
+    ("epidural", 25, ("epidural:35",)),
+    ("subdural", 20, ("subdural:40",)),
+    ("intraparenchymal", 6, ("intraparenchymal:25",)),
+    ("intraventricular", 1, ("intraventricular:6",)),
+    ("subarachnoid", 7, ("subarachnoid:12",)),
+    ("negative", 14, ()),
+    ("hard negatives", -1, ()),
+)
+_CONTOUR_COLORS = {1: "#ff3b30", 2: "#ffcc00", 3: "#34c759", 4: "#00c7ff", 5: "#ff2dff"}
+
+
+def _gallery_slices(study: PhantomStudy, title: str) -> list[int]:
+    """Three slices to show: through the lesion (largest area and its neighbours), or anatomy levels."""
+    nz = study.hu.shape[0]
+    area = np.count_nonzero(study.labels.reshape(nz, -1), axis=1)
+    if area.any():
+        k = int(np.argmax(area))
+        pos = np.flatnonzero(area)
+        lo, hi = int(pos[0]), int(pos[-1])
+        step = max(1, (hi - lo) // 3)
+        ks = [max(lo, k - step), k, min(hi, k + step)]
+        if len(set(ks)) < 3:
+            ks = [max(0, k - 1), k, min(nz - 1, k + 1)]
+        return ks
+    head = np.count_nonzero(study.hu.reshape(nz, -1) > -500, axis=1)
+    z = np.flatnonzero(head > 0.05 * head.max())
+    lo, hi = int(z[0]), int(z[-1])
+    if title == "hard negatives" and study.hard_negative_sites:
+        z0, dz = study.origin[2], study.spacing_mm[0]
+        ks = sorted({int(round((site[2] - z0) / dz)) for _, site in study.hard_negative_sites})
+        ks = [k for k in ks if 0 <= k < nz][:2]
+        return [lo + (hi - lo) // 6, *ks] if len(ks) == 2 else [lo + (hi - lo) // 6, *ks, ks[0] + 1][:3]
+    return [lo + (hi - lo) // 5, lo + (hi - lo) * 9 // 20, lo + (hi - lo) * 7 // 10]
+
+
+def _hard_negative_seed() -> int:
+    """A seed whose head carries calcified choroid plexus, pineal and falx."""
+    want = {"choroid plexus", "pineal", "falx"}
+    for seed in range(1000, 1400):
+        st = generate_volume(seed, shape=(MIN_SLICES, 32, 32), subtypes=[])
+        if want <= set(st.hard_negatives):
+            return seed
+    raise RuntimeError("No seed with all calcifications in the searched range.")
+
+
+def render_gallery(path: Path, matrix: int = 512) -> Path:
+    """Render ``docs/phantom_gallery.png``: one row per subtype plus a negative and a hard-negative
+    row, three slices per row in the brain window (W80/L40) and the middle slice again with the
+    labelled voxels outlined. Uses matplotlib's Agg canvas (no global backend change)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    panel = 2.35
+    fig = Figure(figsize=(4 * panel, len(_GALLERY_ROWS) * panel + 0.5), dpi=100)
+    FigureCanvasAgg(fig)
+    fig.suptitle("ich-node phantom: W80/L40, 5 mm slices, 512 matrix; last column: labelled voxels outlined",
+                 fontsize=9, y=0.995)
+    for r, (title, seed, reqs) in enumerate(_GALLERY_ROWS):
+        s = _hard_negative_seed() if seed < 0 else seed
+        study = generate_study(s, subtypes=list(reqs), slices=36, matrix=matrix, slice_thickness_mm=5.0)
+        ks = _gallery_slices(study, title)
+        head = study.hu[ks[1]] > -500
+        rows, cols = np.flatnonzero(head.any(axis=1)), np.flatnonzero(head.any(axis=0))
+        margin = matrix // 40
+        r0, r1 = max(0, rows[0] - margin), min(matrix, rows[-1] + margin)
+        c0, c1 = max(0, cols[0] - margin), min(matrix, cols[-1] + margin)
+        side = max(r1 - r0, c1 - c0)
+        r0, c0 = max(0, (r0 + r1 - side) // 2), max(0, (c0 + c1 - side) // 2)
+        crop = (slice(r0, r0 + side), slice(c0, c0 + side))
+        for c, k in enumerate([*ks, ks[1]]):
+            ax = fig.add_subplot(len(_GALLERY_ROWS), 4, r * 4 + c + 1)
+            ax.imshow(study.hu[k][crop], cmap="gray", vmin=0, vmax=80, interpolation="antialiased")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 3:
+                lab = study.labels[k][crop]
+                for code in np.unique(lab[lab > 0]):
+                    ax.contour((lab == code).astype(np.uint8), levels=[0.5], colors=_CONTOUR_COLORS[int(code)],
+                               linewidths=0.7)
+                ax.set_title("mask outline" if study.lesions else "no label", fontsize=7)
+            else:
+                vol = "".join(f", {v:.0f} mL" for v in study.volume_ml().values())
+                label = title if c == 0 else ""
+                ax.set_title(f"{label}{vol if c == 0 else ''}  z={k}", fontsize=7)
+        if title == "hard negatives":
+            fig.axes[-4].set_title("hard negatives: " + ", ".join(study.hard_negatives[:3]), fontsize=6)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.955, bottom=0.005, wspace=0.03, hspace=0.13)
+    canvas = fig.canvas
+    assert isinstance(canvas, FigureCanvasAgg)
+    canvas.draw()
+    rgba = np.asarray(canvas.buffer_rgba())
+    img = Image.fromarray(rgba[..., :3]).quantize(colors=128, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    img.save(out, optimize=True)
+    LOGGER.info("Wrote the phantom gallery to %s (%d bytes)", out, out.stat().st_size)
     return out

@@ -138,6 +138,7 @@ class HeadModel:
     e2: tuple[Ell, Ell]
     e3: Ell
     e4: Ell
+    e5: Ell
     face: Ell
     neck: Ell
     gap: float
@@ -401,6 +402,7 @@ def build_head(rng: np.random.Generator, pose: Pose, grid: Grid, center: tuple[f
           ell((-34.0, -4.0, -22.0), (22.0, 33.0, 24.0), margin=30.0))
     e3 = ell((0.0, 40.0, -34.0), (50.0, 32.0, 27.0), margin=30.0)
     e4 = ell((0.0, 18.0, -40.0), (18.0, 16.0, 26.0), margin=30.0)
+    e5 = ell((0.0, -9.0, -21.0), (19.0, 15.0, 7.0), margin=30.0)
     face = ell((0.0, -48.0, -56.0), (56.0, 50.0, 40.0), margin=8.0)
     neck = ell((0.0, 16.0, -100.0), (52.0, 56.0, 56.0), margin=8.0)
 
@@ -438,10 +440,10 @@ def build_head(rng: np.random.Generator, pose: Pose, grid: Grid, center: tuple[f
         ell((-27.0, -5.0, -8.0), (13.0, sylv, 8.0), -13.0),
     )
     shells = ((brainstem[0], 1.2 + 1.2 * atrophy), (brainstem[1], 1.0 + 1.0 * atrophy))
-    sella = ell((0.0, -12.0, -28.0), (14.0, 11.0, 8.0))
+    sella = ell((0.0, -10.0, -31.0), (20.0, 12.0, 7.0))
     fs = float(rng.uniform(0.0, 1.2))
     base_air = (
-        ("ethmoid", ell((0.0, -57.0, -31.0), (11.0, 17.0, 11.0)), True),
+        ("ethmoid", ell((0.0, -56.0, -32.0), (12.0, 20.0, 13.0)), True),
         ("sphenoid", ell((0.0, -20.0, -39.0), (13.0, 12.0, 10.0)), False),
         ("nasal", ell((0.0, -62.0, -62.0), (9.0, 24.0, 18.0)), False),
         ("maxillary", ell((24.0, -52.0, -68.0), (14.0, 16.0, 15.0)), False),
@@ -450,12 +452,13 @@ def build_head(rng: np.random.Generator, pose: Pose, grid: Grid, center: tuple[f
         ("mastoid", ell((50.0, 28.0, -42.0), (11.0, 13.0, 13.0)), True),
         ("mastoid", ell((-50.0, 28.0, -42.0), (11.0, 13.0, 13.0)), True),
     )
-    orbits = (ell((31.0, -60.0, -31.0), (15.0, 20.0, 14.0)), ell((-31.0, -60.0, -31.0), (15.0, 20.0, 14.0)))
+    orbits = (ell((30.0, -59.0, -33.0), (17.0, 23.0, 16.0)), ell((-30.0, -59.0, -33.0), (17.0, 23.0, 16.0)))
     globes = (ell((31.0, -71.0, -29.0), (11.5, 11.5, 11.5)), ell((-31.0, -71.0, -29.0), (11.5, 11.5, 11.5)))
     lenses = (ell((31.0, -82.0, -29.0), (4.0, 1.8, 4.0)), ell((-31.0, -82.0, -29.0), (4.0, 1.8, 4.0)))
     optic = (cap((31.0, -60.0, -29.0), (10.0, -24.0, -20.0), 2.2, 2.0),
              cap((-31.0, -60.0, -29.0), (-10.0, -24.0, -20.0), 2.2, 2.0))
-    frontal_sinus = ell((0.0, -90.0, 9.0), (13.0 * fs, 5.0, 11.0 * fs)) if fs > 0.25 else None
+    y_front = 2.0 - 86.0 * jy * math.sqrt(max(0.0, 1.0 - (11.0 / (60.0 * jz)) ** 2))
+    frontal_sinus = ell((0.0, y_front - 5.0, -1.0), (11.0 * fs, 3.2, 7.0 * fs)) if fs > 0.3 else None
     petrous = (cap((52.0, 24.0, -40.0), (15.0, -3.0, -33.0), 6.5, 3.5),
                cap((-52.0, 24.0, -40.0), (-15.0, -3.0, -33.0), 6.5, 3.5))
     zygoma = (cap((52.0, -45.0, -46.0), (62.0, 2.0, -42.0), 3.0, 3.0),
@@ -474,12 +477,12 @@ def build_head(rng: np.random.Generator, pose: Pose, grid: Grid, center: tuple[f
     noise_tap = 0.5 if px < 0.7 else (0.25 if px < 1.2 else 0.0)
     empty = np.zeros((grid.shape[0], 4), np.int64)
     model = HeadModel(
-        grid=grid, frame=frame, scale=scale, thickness=thickness, wp=wp, hu=hu, e1=e1, e2=e2, e3=e3, e4=e4,
+        grid=grid, frame=frame, scale=scale, thickness=thickness, wp=wp, hu=hu, e1=e1, e2=e2, e3=e3, e4=e4, e5=e5,
         face=face, neck=neck, gap=1.0 + 2.4 * atrophy, sulcal_width=1.0 + 2.6 * atrophy,
         cortex=float(rng.uniform(2.4, 3.0)), ihf_half=0.5 + 1.0 * atrophy, falx_half=float(rng.uniform(0.45, 0.7)),
         skull_t0=float(rng.uniform(4.5, 7.0)), scalp_t=float(rng.uniform(4.0, 7.0)),
         fat_t=float(rng.uniform(0.8, 2.5)), temporalis=float(rng.uniform(3.0, 6.0)),
-        base_extra=float(rng.uniform(2.0, 4.5)), cupping=float(rng.uniform(0.0, 4.0)),
+        base_extra=float(rng.uniform(1.5, 4.0)), cupping=float(rng.uniform(0.0, 4.0)),
         tex=SmoothField.random(fields_rng, grid, 7.0), fine=SmoothField.random(fields_rng, grid, 2.6),
         tables=tables, lat_vent=(lat[0], lat[1]), sella=sella, mid_vent=mid_vent, aqueduct=aqueduct, caudate=caudate,
         deep_nuclei=deep, brainstem=brainstem, cisterns=cisterns, shells=shells, base_air=base_air, orbits=orbits,
@@ -671,7 +674,7 @@ def _cavity(m: HeadModel, hb: Block, u2: F32, bump: F32) -> tuple[F32, F32, F32]
     nz *= h
     nz += np.float32(-m.frame.A[2, 2])
     d_e3 = np.full(hb.shape, BIG, np.float32)
-    for e in (*m.e2, m.e3, m.e4):
+    for e in (*m.e2, m.e3, m.e4, m.e5):
         loc = _sub(hb, g, e.lo, e.hi)
         if loc is None:
             continue
@@ -848,6 +851,9 @@ def render(m: HeadModel, blk: Block, want_hu: bool = True, tissue: bool = False,
     front = (np.float32(12.0) - u1) * np.float32(1 / 12.0)
     np.clip(front, 0.0, 1.0, out=front)
     base *= front
+    central = (np.float32(32.0) - ax) * np.float32(1 / 12.0)
+    np.clip(central, 0.0, 1.0, out=central)
+    base *= central
     t_sk += np.float32(m.base_extra) * base
     temporal = (ax - np.float32(38.0)) * np.float32(1 / 14.0)
     np.clip(temporal, 0.0, 1.0, out=temporal)
@@ -865,7 +871,7 @@ def render(m: HeadModel, blk: Block, want_hu: bool = True, tissue: bool = False,
         if loc is not None:
             sb, sl = loc
             dfs = ellipsoid_fast(sb, fsn.rows, fsn.p0)
-            t_sk[sl] += np.float32(9.0) * np.clip(np.float32(1.0) - dfs * np.float32(1 / 10.0), 0.0, 1.0)
+            t_sk[sl] += np.float32(5.0) * np.clip(np.float32(1.0) - dfs * np.float32(1 / 14.0), 0.0, 1.0)
     d_skin = d_cav - t_sk
     d_skin -= np.float32(m.scalp_t) + np.float32(m.temporalis) * temporal
     for e in (m.face, m.neck):
@@ -1106,7 +1112,7 @@ def points_cavity(m: HeadModel, pts: F64, bump: bool = True) -> F32:
     _, d, _ = ellipsoid(pc, m.e1.rows, m.e1.p0)
     u = m.frame.u(pc)
     d = smax(d, (np.float32(_BASE_Z) - u[2]) * np.float32(m.scale), 3.0)
-    for e in (*m.e2, m.e3, m.e4):
+    for e in (*m.e2, m.e3, m.e4, m.e5):
         _, dl, _ = ellipsoid(pc, e.rows, e.p0)
         d = smin(dl, d, 6.0)
     if bump:
