@@ -68,6 +68,7 @@ from pipeline.phantom_lesions import (
     PAINT_ORDER,
     SUBTYPE_CODES,
     SUBTYPES,
+    Collector,
     Lesion,
     LesionModel,
     LesionRequest,
@@ -243,27 +244,10 @@ def _generate(seed: int, nz: int | None, ny: int, nx: int, spacing: tuple[float,
         placed.append(place_lesion(model, r_les, req, tuple(p.center for p in placed)))
     if requests is None:
         placed += _extensions(model, r_les, placed)
-    lesions = tuple(calibrate_all(model, placed))
-
-    nzz = grid.shape[0]
-    hu = np.empty(grid.shape, np.float32)
-    labels = np.zeros(grid.shape, np.uint8)
-    ids = np.zeros(grid.shape, np.uint8)
-    tissue = np.zeros(grid.shape, np.uint8) if tissue_map else None
-    step = max(1, (1 << 18) // (grid.shape[1] * grid.shape[2]))
-    for k0 in range(0, nzz, step):
-        k1 = min(nzz, k0 + step)
-        blk = grid.block(k0, k1)
-        rd = render(model, blk, want_hu=True, tissue=tissue_map)
-        tis = rd.tissue if rd.tissue is not None else None
-        paint_lesions(model, rd, lesions, labels[k0:k1], ids[k0:k1], tis)
-        assert rd.hu is not None
-        streaks(model, rd)
-        add_noise(model, blk, rd.hu, r_noise)
-        hu[k0:k1] = rd.hu
-        if tissue is not None and tis is not None:
-            tissue[k0:k1] = tis
+    hu, labels, ids, tissue, final = _render_all(model, placed, r_noise, tissue_map)
+    lesions = tuple(final)
     _scanner_output(hu, grid, scanner)
+    nzz = grid.shape[0]
 
     vox_ml = grid.voxel_mm3 / 1000.0
     reported = tuple(
@@ -285,6 +269,47 @@ def _generate(seed: int, nz: int | None, ny: int, nx: int, spacing: tuple[float,
     LOGGER.debug("Phantom %s: %d slices, lesions %s", ident.study_instance_uid, nzz,
                  [(les.subtype, round(les.volume_ml, 2)) for les in reported])
     return study
+
+
+def _render_all(model: HeadModel, placed: list[LesionModel], rng: np.random.Generator, tissue_map: bool,
+                ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8], npt.NDArray[np.uint8],
+                           npt.NDArray[np.uint8] | None, list[LesionModel]]:
+    """Render every slab once: anatomy, lesion candidates, streaks and noise; then size and add the
+    lesions. If a lesion outgrows its first box, start over with two passes (size, then paint)."""
+    grid = model.grid
+    nz = grid.shape[0]
+    step = max(1, (1 << 18) // (grid.shape[1] * grid.shape[2]))
+    state = rng.bit_generator.state
+    collector = Collector(model, placed) if placed else None
+    for two_pass in (False, True):
+        sized = calibrate_all(model, placed) if two_pass else []
+        hu = np.empty(grid.shape, np.float32)
+        labels = np.zeros(grid.shape, np.uint8)
+        ids = np.zeros(grid.shape, np.uint8)
+        tissue = np.zeros(grid.shape, np.uint8) if tissue_map else None
+        rng.bit_generator.state = state
+        for k0 in range(0, nz, step):
+            k1 = min(nz, k0 + step)
+            blk = grid.block(k0, k1)
+            rd = render(model, blk, want_hu=True, tissue=tissue_map)
+            assert rd.hu is not None
+            if two_pass:
+                paint_lesions(model, rd, tuple(sized), labels[k0:k1], ids[k0:k1], rd.tissue)
+            elif collector is not None:
+                collector.add(rd)
+            streaks(model, rd)
+            add_noise(model, blk, rd.hu, rng)
+            hu[k0:k1] = rd.hu
+            if tissue is not None and rd.tissue is not None:
+                tissue[k0:k1] = rd.tissue
+        if two_pass or collector is None:
+            return hu, labels, ids, tissue, sized
+        found = collector.thresholds()
+        if found is not None:
+            collector.paint(found, hu, labels, ids, tissue)
+            return hu, labels, ids, tissue, found
+        LOGGER.debug("A lesion outgrew its first box; sizing in two passes.")
+    raise AssertionError("unreachable")
 
 
 def _extensions(m: HeadModel, rng: np.random.Generator, placed: list[LesionModel]) -> list[LesionModel]:

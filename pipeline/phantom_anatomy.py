@@ -948,12 +948,9 @@ def _paint_brain(m: HeadModel, bb: Block | None, sl_b: tuple[slice, slice, slice
     f_deep = np.zeros(bb.shape, np.float32)
     _local_ells(bb, g, (*m.deep_nuclei, *m.caudate), f_deep, "max", m.w_iso)
     lerp_into(v_par, hu.deep, f_deep)
-    for e in m.brainstem:
-        loc = _sub(bb, g, e.lo, e.hi)
-        if loc is not None:
-            sb, sl = loc
-            de = ellipsoid_fast(sb, e.rows, e.p0)
-            lerp_into(v_par[sl], hu.brainstem, ramp(de, wi))
+    f_bs = np.zeros(bb.shape, np.float32)
+    _local_ells(bb, g, m.brainstem, f_bs, "max", m.w_iso)
+    lerp_into(v_par, hu.brainstem, f_bs)
     v_par += np.float32(1.2) * f.tex
     cup = np.maximum(depth, 0.0)
     cup *= np.float32(-1 / 7.0)
@@ -964,6 +961,7 @@ def _paint_brain(m: HeadModel, bb: Block | None, sl_b: tuple[slice, slice, slice
     if pt.cls is not None:
         klass = np.where(f_gm >= 0.5, T_GM, T_WM).astype(np.uint8)
         klass[f_deep >= 0.5] = T_DEEP
+        klass[f_bs >= 0.5] = T_BS
         sel = f.f_par >= 0.5
         pt.cls[sl_b][sel] = klass[sel]
 

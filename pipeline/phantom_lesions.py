@@ -35,6 +35,7 @@ from pipeline.phantom_anatomy import (
     LEVEL_CAVITY,
     LEVEL_VENTRICLES,
     T_BLOOD,
+    T_MIXED,
     T_OEDEMA,
     Fields,
     HeadModel,
@@ -604,7 +605,7 @@ def paint_lesions(m: HeadModel, rd: Rendered, lesions: tuple[LesionModel, ...], 
                     oed = np.float32(m.hu.wm) - np.float32(9.0) + np.float32(1.0) * f.tex
                     lerp_into(canvas, oed, rim)
                     if tissue is not None:
-                        tissue[full][rim >= 0.5] = T_OEDEMA
+                        _classify(tissue[full], rim, T_OEDEMA)
         value = np.float32(les.hu) + np.float32(2.0) * f.tex
         if les.swirl:
             swirl = ramp(np.float32(0.9) - m.fine.on(sb), np.float32(0.4))
@@ -618,4 +619,166 @@ def paint_lesions(m: HeadModel, rd: Rendered, lesions: tuple[LesionModel, ...], 
         labels[full][inside] = np.uint8(les.code)
         lesion_id[full][inside] = np.uint8(i + 1)
         if tissue is not None:
-            tissue[full][frac >= 0.5] = T_BLOOD
+            _classify(tissue[full], frac, T_BLOOD)
+
+
+def _classify(tissue: npt.NDArray[np.uint8], frac: F32, cls: int) -> None:
+    """Tissue class ``cls`` where the voxel is (almost) all of it, mixed where it is partly."""
+    tissue[frac >= 0.97] = cls
+    tissue[(frac > 0.03) & (frac < 0.97)] = T_MIXED
+
+
+# --------------------------------------------------------------------------------------------
+# Single-pass sizing and painting (the default): candidates are collected while the anatomy
+# is rendered, thresholds are found afterwards and the blood is added as a delta.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Cand:
+    """Candidate voxels of one lesion (flat volume indices and what painting needs)."""
+
+    idx: npt.NDArray[np.int64]
+    h: F32
+    ok: npt.NDArray[np.bool_]
+    factor: F32
+    kappa: F32 | None
+    w: F32
+    tex: F32
+    f_par: F32
+    clean: F32
+    fine: F32 | None
+
+
+# First-box size over the rough guess of ``s``, per shape: above the largest ratio seen over
+# many seeds and sizes, so that a second pass is rarely needed.
+_BOX_FACTOR = {"lens": 1.7, "blob": 1.35, "sah": 1.6, "cast": 1.6, "crescent": 2.0, "falx": 1.6, "tent": 1.6,
+               "layer": 1.0}
+
+
+class Collector:
+    """Collects, slab by slab, the voxels each lesion may occupy at its generous box ``s_box``."""
+
+    def __init__(self, m: HeadModel, lesions: list[LesionModel]) -> None:
+        self.m = m
+        self.lesions = lesions
+        self.s_box = [_BOX_FACTOR[les.kind] * _s_guess(les) + 0.02 for les in lesions]
+        self.parts: list[list[_Cand]] = [[] for _ in lesions]
+
+    def add(self, rd: Rendered) -> None:
+        """Record the candidates of every lesion in the rendered block (before streaks and noise)."""
+        if rd.brain is None or rd.fields is None or rd.hu is None:
+            return
+        g = self.m.grid
+        ny, nx = g.shape[1], g.shape[2]
+        for i, les in enumerate(self.lesions):
+            lo, hi = replace(les, s=self.s_box[i]).box(self.m)
+            loc = _sub(rd.brain, g, lo, hi)
+            if loc is None:
+                continue
+            sb, sl = loc
+            f = _slice_fields(rd.fields, sl)
+            kappa: F32 | None
+            if les.kind == "layer":
+                h, ok, factor = _layer_h(sb), f.d_vent < 0, f.f_vent
+                kappa = np.full(sb.shape, 1.0, np.float32)
+                keep = ok | (factor > 0)
+                w = np.full(sb.shape, g.spacing[1], np.float32)
+            else:
+                lf = lesion_field(self.m, les, sb, f)
+                h, ok, factor, kappa = lf.h, lf.ok, lf.factor, lf.kappa
+                if kappa is None:
+                    keep = ok & (h <= np.float32(self.s_box[i]))
+                else:
+                    reach = (np.float32(les.oedema_mm) + f.w) / kappa
+                    keep = (h <= np.float32(self.s_box[i]) + reach) & (factor > 0)
+                w = f.w
+            kk, jj, ii = np.nonzero(keep)
+            if kk.size == 0:
+                continue
+            idx = ((kk + sb.k0).astype(np.int64) * ny + (jj + sb.j0)) * nx + (ii + sb.i0)
+            full = rd.block.rel(sb)
+            fine = self.m.fine.on(sb)[keep] if les.swirl else None
+            self.parts[i].append(_Cand(idx, h[keep], ok[keep], factor[keep], None if kappa is None else kappa[keep],
+                                       w[keep], f.tex[keep], f.f_par[keep], rd.hu[full][keep], fine))
+
+    def thresholds(self) -> list[LesionModel] | None:
+        """Lesions with their thresholds, or None if a box was too small (size them in two passes)."""
+        out = []
+        for i, les in enumerate(self.lesions):
+            vals = np.concatenate([c.h[c.ok] for c in self.parts[i]]) if self.parts[i] else np.zeros(0, np.float32)
+            vals = vals[np.isfinite(vals)]
+            if les.kind != "layer":
+                vals = vals[vals <= np.float32(self.s_box[i])]
+            s = _threshold(vals, _n_target(self.m, les))
+            if s is None and les.kind == "layer":
+                out.append(_clamped(self.m, les, vals))
+                continue
+            # The box at s_box holds {h <= s_box} plus the ramp margin, so any s below it is exact.
+            if s is None or (les.kind != "layer" and s >= 0.98 * self.s_box[i]):
+                return None
+            out.append(replace(les, s=s))
+        return out
+
+    def paint(self, lesions: list[LesionModel], hu: F32, labels: npt.NDArray[np.uint8],
+              lesion_id: npt.NDArray[np.uint8], tissue: npt.NDArray[np.uint8] | None) -> None:
+        """Add the blood (and oedema) of ``lesions`` to ``hu`` and write the labels, in priority order."""
+        cands = [_merge(p) for p in self.parts]
+        present = [c for c in cands if c is not None]
+        if not present:
+            return
+        union, first = np.unique(np.concatenate([c.idx for c in present]), return_index=True)
+        clean0 = np.concatenate([c.clean for c in present])[first]
+        value_now = clean0.copy()
+        order = sorted(range(len(lesions)), key=lambda i: PAINT_ORDER.index(lesions[i].subtype))
+        hu_flat, lab_flat, id_flat = hu.reshape(-1), labels.reshape(-1), lesion_id.reshape(-1)
+        tis_flat = tissue.reshape(-1) if tissue is not None else None
+        for i in order:
+            les, c = lesions[i], cands[i]
+            if c is None or not math.isfinite(les.s):
+                continue
+            pos = np.searchsorted(union, c.idx)
+            cur = value_now[pos]
+            s = np.float32(les.s)
+            inside = (c.h <= s) & c.ok
+            frac: F32
+            if c.kappa is None:
+                frac = np.where(c.h <= s, c.factor, np.float32(0.0)).astype(np.float32)
+            else:
+                dist = (c.h - s) * c.kappa
+                frac = ramp(dist, c.w) * c.factor
+                if les.oedema_mm > 0:
+                    rim = ramp(dist - np.float32(les.oedema_mm), np.float32(self.m.w_iso))
+                    rim *= np.float32(1.0) - ramp(dist, c.w)
+                    rim *= c.f_par
+                    lerp_into(cur, np.float32(self.m.hu.wm) - np.float32(9.0) + c.tex, rim)
+                    if tis_flat is not None:
+                        _classify_flat(tis_flat, c.idx, rim, T_OEDEMA)
+            value = np.float32(les.hu) + np.float32(2.0) * c.tex
+            if les.swirl and c.fine is not None:
+                value = value - np.float32(22.0) * ramp(np.float32(0.9) - c.fine, np.float32(0.4))
+            value -= np.clip(cur, np.float32(-20.0), np.float32(60.0))
+            value *= frac
+            cur += value
+            value_now[pos] = cur
+            lab_flat[c.idx[inside]] = np.uint8(les.code)
+            id_flat[c.idx[inside]] = np.uint8(i + 1)
+            if tis_flat is not None:
+                _classify_flat(tis_flat, c.idx, frac, T_BLOOD)
+        hu_flat[union] += value_now - clean0
+
+
+def _merge(parts: list[_Cand]) -> _Cand | None:
+    if not parts:
+        return None
+    kap = None if parts[0].kappa is None else np.concatenate([p.kappa for p in parts if p.kappa is not None])
+    fine = None if parts[0].fine is None else np.concatenate([p.fine for p in parts if p.fine is not None])
+    return _Cand(np.concatenate([p.idx for p in parts]), np.concatenate([p.h for p in parts]),
+                 np.concatenate([p.ok for p in parts]), np.concatenate([p.factor for p in parts]), kap,
+                 np.concatenate([p.w for p in parts]), np.concatenate([p.tex for p in parts]),
+                 np.concatenate([p.f_par for p in parts]), np.concatenate([p.clean for p in parts]), fine)
+
+
+def _classify_flat(tissue: npt.NDArray[np.uint8], idx: npt.NDArray[np.int64], frac: F32, cls: int) -> None:
+    tissue[idx[frac >= 0.97]] = cls
+    tissue[idx[(frac > 0.03) & (frac < 0.97)]] = T_MIXED
