@@ -72,8 +72,6 @@ from pipeline.phantom_lesions import (
     Lesion,
     LesionModel,
     LesionRequest,
-    calibrate_all,
-    paint_lesions,
     place_lesion,
 )
 
@@ -82,7 +80,7 @@ LOGGER = logging.getLogger(__name__)
 __all__ = [
     "CTICH_FIRST_PATIENT", "PUBLISHED_HU", "RSNA_LABELS", "SUBTYPES", "SUBTYPE_CODES", "LABEL_PRIORITY",
     "Lesion", "LesionRequest", "PhantomStudy", "ScannerProfile", "StudyIdentity", "StudySummary",
-    "generate_study", "generate_volume", "render_gallery", "tissue_stats", "write_ct_nifti",
+    "generate_study", "generate_volume", "render_gallery", "tissue_stats", "tissue_table", "write_ct_nifti",
     "write_dicom_series", "write_mask_nifti", "write_rsna_labels", "write_studies",
 ]
 
@@ -274,42 +272,30 @@ def _generate(seed: int, nz: int | None, ny: int, nx: int, spacing: tuple[float,
 def _render_all(model: HeadModel, placed: list[LesionModel], rng: np.random.Generator, tissue_map: bool,
                 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.uint8], npt.NDArray[np.uint8],
                            npt.NDArray[np.uint8] | None, list[LesionModel]]:
-    """Render every slab once: anatomy, lesion candidates, streaks and noise; then size and add the
-    lesions. If a lesion outgrows its first box, start over with two passes (size, then paint)."""
+    """Render every slab once (anatomy, lesion candidates, streaks, noise), then size the lesions
+    and add their blood: streaks and noise are additive, so this equals painting before them."""
     grid = model.grid
     nz = grid.shape[0]
     step = max(1, (1 << 18) // (grid.shape[1] * grid.shape[2]))
-    state = rng.bit_generator.state
-    collector = Collector(model, placed) if placed else None
-    for two_pass in (False, True):
-        sized = calibrate_all(model, placed) if two_pass else []
-        hu = np.empty(grid.shape, np.float32)
-        labels = np.zeros(grid.shape, np.uint8)
-        ids = np.zeros(grid.shape, np.uint8)
-        tissue = np.zeros(grid.shape, np.uint8) if tissue_map else None
-        rng.bit_generator.state = state
-        for k0 in range(0, nz, step):
-            k1 = min(nz, k0 + step)
-            blk = grid.block(k0, k1)
-            rd = render(model, blk, want_hu=True, tissue=tissue_map)
-            assert rd.hu is not None
-            if two_pass:
-                paint_lesions(model, rd, tuple(sized), labels[k0:k1], ids[k0:k1], rd.tissue)
-            elif collector is not None:
-                collector.add(rd)
-            streaks(model, rd)
-            add_noise(model, blk, rd.hu, rng)
-            hu[k0:k1] = rd.hu
-            if tissue is not None and rd.tissue is not None:
-                tissue[k0:k1] = rd.tissue
-        if two_pass or collector is None:
-            return hu, labels, ids, tissue, sized
-        found = collector.thresholds()
-        if found is not None:
-            collector.paint(found, hu, labels, ids, tissue)
-            return hu, labels, ids, tissue, found
-        LOGGER.debug("A lesion outgrew its first box; sizing in two passes.")
-    raise AssertionError("unreachable")
+    collector = Collector(model, placed)
+    hu = np.empty(grid.shape, np.float32)
+    labels = np.zeros(grid.shape, np.uint8)
+    ids = np.zeros(grid.shape, np.uint8)
+    tissue = np.zeros(grid.shape, np.uint8) if tissue_map else None
+    for k0 in range(0, nz, step):
+        k1 = min(nz, k0 + step)
+        blk = grid.block(k0, k1)
+        rd = render(model, blk, want_hu=True, tissue=tissue_map)
+        assert rd.hu is not None
+        collector.add(rd)
+        streaks(model, rd)
+        add_noise(model, blk, rd.hu, rng)
+        hu[k0:k1] = rd.hu
+        if tissue is not None and rd.tissue is not None:
+            tissue[k0:k1] = rd.tissue
+    sized = collector.thresholds()
+    collector.paint(sized, hu, labels, ids, tissue)
+    return hu, labels, ids, tissue, sized
 
 
 def _extensions(m: HeadModel, rng: np.random.Generator, placed: list[LesionModel]) -> list[LesionModel]:
@@ -631,6 +617,19 @@ def _hard_negative_seed() -> int:
         if want <= set(st.hard_negatives):
             return seed
     raise RuntimeError("No seed with all calcifications in the searched range.")
+
+
+def tissue_table(study: PhantomStudy) -> str:
+    """Markdown table of :func:`tissue_stats` next to the published ranges (for docs/phantom.md)."""
+    stats = tissue_stats(study)
+    lines = ["| tissue | mean HU | SD HU | voxels | published range HU |", "|---|---:|---:|---:|---|"]
+    for name, (lo, hi) in PUBLISHED_HU.items():
+        if name not in stats:
+            continue
+        st = stats[name]
+        rng = f"{lo:g}" if lo == hi else f"{lo:g} to {hi:g}"
+        lines.append(f"| {name} | {st['mean']:.1f} | {st['std']:.1f} | {int(st['n'])} | {rng} |")
+    return "\n".join(lines)
 
 
 def render_gallery(path: Path, matrix: int = 512) -> Path:

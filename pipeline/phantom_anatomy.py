@@ -52,7 +52,6 @@ T_AIR, T_SOFT, T_FAT, T_CORT, T_DIPLOE, T_CSF, T_GM, T_WM, T_DEEP, T_BS, T_DURA,
 T_MIXED = 255
 
 BIG = np.float32(1.0e3)
-LEVEL_CAVITY, LEVEL_VENTRICLES, LEVEL_ALL = 0, 1, 2
 # Template geometry (mm). Cavity: vault ellipsoid cut at the anterior fossa floor, unioned with the
 # middle fossae, the posterior fossa and the brainstem channel.
 _BASE_Z = -20.0
@@ -378,7 +377,7 @@ def build_head(rng: np.random.Generator, pose: Pose, grid: Grid, center: tuple[f
         diploe=float(rng.uniform(380.0, 650.0)),
         csf=float(rng.uniform(3.0, 10.0)),
         gm=gm,
-        wm=gm - float(rng.uniform(8.0, 11.0)),
+        wm=min(31.0, max(25.5, gm - float(rng.uniform(8.0, 11.0)))),
         deep=gm - float(rng.uniform(3.0, 5.0)),
         brainstem=gm - float(rng.uniform(5.0, 7.5)),
         dura=float(rng.uniform(48.0, 62.0)),
@@ -779,13 +778,9 @@ def _brain_spaces(m: HeadModel, bb: Block, ub: tuple[F32, F32, F32], depth: F32,
     return f_par, f_sas, extra, band
 
 
-def render(m: HeadModel, blk: Block, want_hu: bool = True, tissue: bool = False, level: int = LEVEL_ALL) -> Rendered:
+def render(m: HeadModel, blk: Block, want_hu: bool = True, tissue: bool = False) -> Rendered:
     """Anatomy of ``blk``: HU canvas (if ``want_hu``), tissue classes (if ``tissue``) and the fields
-    the lesion models need. Work is confined to the per-slice head and cavity boxes.
-
-    Without HU, ``level`` limits the fields to what a lesion needs: ``LEVEL_CAVITY`` (inner
-    table only), ``LEVEL_VENTRICLES`` (plus ventricles) or ``LEVEL_ALL`` (plus sulci, fissure
-    and cisterns, i.e. the subarachnoid space)."""
+    the lesion models need. Work is confined to the per-slice head and cavity boxes."""
     g = m.grid
     hu = m.hu
     canvas = np.full(blk.shape, hu.air, np.float32) if want_hu else None
@@ -815,7 +810,6 @@ def render(m: HeadModel, blk: Block, want_hu: bool = True, tissue: bool = False,
     brain_paint: dict[str, F32] = {}
     sl_b: tuple[slice, slice, slice] = (slice(0, 0),) * 3
     midline: tuple[slice, slice, slice] = (slice(0, 0),) * 3
-    full = want_hu or level >= LEVEL_ALL
     if bb is not None:
         sl_b = hb.rel(bb)
         ub = (u0[sl_b], u1[sl_b], u2[sl_b])
@@ -823,19 +817,11 @@ def render(m: HeadModel, blk: Block, want_hu: bool = True, tissue: bool = False,
         d_e3 = d_e3_h[sl_b]
         depth = -(d_b + np.float32(m.gap))
         f_brain = ramp_iw(-depth, iw_b)
-        if want_hu or level >= LEVEL_VENTRICLES:
-            d_vent = _ventricles(m, bb, ax_b)
-            f_vent = ramp(d_vent, wi)
-            f_vent *= f_brain
-        else:
-            d_vent = np.full(bb.shape, BIG, np.float32)
-            f_vent = np.zeros(bb.shape, np.float32)
-        if full:
-            f_par, f_sas, brain_paint, midline = _brain_spaces(m, bb, ub, depth, f_brain, f_vent, f_cav[sl_b], ax_b,
-                                                               tex_b, idx[sl_b], r[sl_b], d_e3)
-        else:
-            f_par = f_brain * (np.float32(1.0) - f_vent)
-            f_sas = np.zeros(bb.shape, np.float32)
+        d_vent = _ventricles(m, bb, ax_b)
+        f_vent = ramp(d_vent, wi)
+        f_vent *= f_brain
+        f_par, f_sas, brain_paint, midline = _brain_spaces(m, bb, ub, depth, f_brain, f_vent, f_cav[sl_b], ax_b,
+                                                           tex_b, idx[sl_b], r[sl_b], d_e3)
         fields = Fields(u=ub, d_cav=d_b, w=w[sl_b], f_cav=f_cav[sl_b], f_brain=f_brain, depth=depth, f_par=f_par,
                         f_sas=f_sas, d_vent=d_vent, f_vent=f_vent, d_e3=d_e3, tex=tex_b)
     if canvas is None:
@@ -964,6 +950,9 @@ def _paint_brain(m: HeadModel, bb: Block | None, sl_b: tuple[slice, slice, slice
         klass[f_bs >= 0.5] = T_BS
         sel = f.f_par >= 0.5
         pt.cls[sl_b][sel] = klass[sel]
+        assert pt.pure is not None
+        for frac in (f_gm, f_deep, f_bs):
+            pt.pure[sl_b] &= ~((frac > 0.03) & (frac < 0.97))
 
     # Superior sagittal sinus (a dense triangle at the falx attachment) and the falx itself:
     # normal hyperdensities, classic mimics of blood. Both live in the midline band.

@@ -31,9 +31,6 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline.phantom_anatomy import (
-    LEVEL_ALL,
-    LEVEL_CAVITY,
-    LEVEL_VENTRICLES,
     T_BLOOD,
     T_MIXED,
     T_OEDEMA,
@@ -432,10 +429,6 @@ def _layer_h(blk: Block) -> F32:
 # --------------------------------------------------------------------------------------------
 
 
-_LEVEL = {"lens": LEVEL_CAVITY, "crescent": LEVEL_CAVITY, "falx": LEVEL_CAVITY, "tent": LEVEL_CAVITY,
-          "blob": LEVEL_VENTRICLES, "layer": LEVEL_VENTRICLES, "cast": LEVEL_VENTRICLES, "sah": LEVEL_ALL}
-
-
 def _n_target(m: HeadModel, les: LesionModel) -> int:
     return max(1, int(round(les.target_ml * 1000.0 / m.grid.voxel_mm3)))
 
@@ -447,71 +440,11 @@ def _s_guess(les: LesionModel) -> float:
     return float((les.target_ml / _unit_volume_ml(les)) ** power)
 
 
-def _candidates(m: HeadModel, les: LesionModel, rd: Rendered, s_box: float) -> F32 | None:
-    """Values of ``h`` (<= ``s_box``) of the admissible voxels of ``les`` in a rendered block."""
-    if rd.brain is None or rd.fields is None:
-        return None
-    lo, hi = replace(les, s=s_box).box(m)
-    loc = _sub(rd.brain, m.grid, lo, hi)
-    if loc is None:
-        return None
-    sb, sl = loc
-    f = _slice_fields(rd.fields, sl)
-    if les.kind == "layer":
-        h, ok = _layer_h(sb), f.d_vent < 0
-    else:
-        lf = lesion_field(m, les, sb, f)
-        h, ok = lf.h, lf.ok & (lf.h <= np.float32(s_box))
-    vals = h[ok]
-    return vals[np.isfinite(vals)]
-
-
 def _threshold(vals: F32, n_target: int) -> float | None:
     if vals.size <= n_target:
         return None
     part = np.partition(vals, [n_target - 1, n_target])
     return 0.5 * (float(part[n_target - 1]) + float(part[n_target]))
-
-
-def calibrate_all(m: HeadModel, lesions: list[LesionModel]) -> list[LesionModel]:
-    """Size every lesion in one pass over the slabs its box touches (exact voxel counts);
-    lesions whose first box was too small are redone with :func:`calibrate`."""
-    if not lesions:
-        return []
-    g = m.grid
-    s_box = [(1.35 if les.kind in ("crescent", "falx", "tent") else 1.25) * _s_guess(les) + 0.02 for les in lesions]
-    boxes = [g.index_box(*replace(les, s=sb).box(m)) for les, sb in zip(lesions, s_box, strict=True)]
-    found: list[list[F32]] = [[] for _ in lesions]
-    valid = [b for b in boxes if b is not None]
-    if valid:
-        k0, k1 = min(b[0] for b in valid), max(b[1] for b in valid)
-        step = max(1, (1 << 18) // (g.shape[1] * g.shape[2]))
-        for ka in range(k0, k1, step):
-            kb = min(k1, ka + step)
-            live = [i for i, b in enumerate(boxes) if b is not None and b[0] < kb and b[1] > ka]
-            if not live:
-                continue
-            j0 = min(boxes[i][2] for i in live)  # type: ignore[index]
-            j1 = max(boxes[i][3] for i in live)  # type: ignore[index]
-            i0 = min(boxes[i][4] for i in live)  # type: ignore[index]
-            i1 = max(boxes[i][5] for i in live)  # type: ignore[index]
-            level = max(_LEVEL[lesions[i].kind] for i in live)
-            rd = render(m, g.box(ka, kb, j0, j1, i0, i1), want_hu=False, level=level)
-            for i in live:
-                vals = _candidates(m, lesions[i], rd, s_box[i])
-                if vals is not None and vals.size:
-                    found[i].append(vals)
-    out = []
-    for i, les in enumerate(lesions):
-        vals = np.concatenate(found[i]) if found[i] else np.zeros(0, np.float32)
-        s = _threshold(vals, _n_target(m, les))
-        if s is not None and (les.kind == "layer" or s <= 0.8 * s_box[i]):
-            out.append(replace(les, s=s))
-        elif les.kind == "layer":
-            out.append(_clamped(m, les, vals))
-        else:
-            out.append(calibrate(m, les, 1.7 * s_box[i]))
-    return out
 
 
 def _clamped(m: HeadModel, les: LesionModel, vals: F32) -> LesionModel:
@@ -521,34 +454,6 @@ def _clamped(m: HeadModel, les: LesionModel, vals: F32) -> LesionModel:
     LOGGER.warning("A %s hemorrhage of %.2f mL does not fit at %s (%.2f mL available); clamped.",
                    les.subtype, les.target_ml, les.site, vals.size * m.grid.voxel_mm3 / 1000.0)
     return replace(les, s=float(vals.max()) * (1 + 1e-6) + 1e-6)
-
-
-def calibrate(m: HeadModel, les: LesionModel, s_box: float | None = None) -> LesionModel:
-    """Set the threshold ``s`` so that the lesion holds the target number of voxels, growing its box
-    until the whole lesion fits (clamped, with a warning, if the compartment is too small)."""
-    g = m.grid
-    n_target = _n_target(m, les)
-    s_box = 1.8 * _s_guess(les) + 0.05 if s_box is None else s_box
-    vals: F32 = np.zeros(0, np.float32)
-    for _attempt in range(6):
-        lo, hi = replace(les, s=s_box).box(m)
-        box = g.index_box(lo, hi)
-        if box is not None:
-            parts = []
-            step = max(1, (1 << 18) // max(1, (box[3] - box[2]) * (box[5] - box[4])))
-            for ka in range(box[0], box[1], step):
-                rd = render(m, g.box(ka, min(box[1], ka + step), *box[2:]), want_hu=False, level=_LEVEL[les.kind])
-                got = _candidates(m, les, rd, s_box if les.kind != "layer" else math.inf)
-                if got is not None:
-                    parts.append(got)
-            vals = np.concatenate(parts) if parts else np.zeros(0, np.float32)
-            s = _threshold(vals, n_target)
-            if s is not None and (les.kind == "layer" or s <= 0.8 * s_box):
-                return replace(les, s=s)
-        if les.kind == "layer":
-            break
-        s_box *= 1.7
-    return _clamped(m, les, vals)
 
 
 def _slice_fields(f: Fields, sl: tuple[slice, slice, slice]) -> Fields:
@@ -564,68 +469,6 @@ def _unit_volume_ml(les: LesionModel) -> float:
         v = 4.0 / 3.0 * math.pi * float(np.prod(axes)) / 1000.0
         return {"lens": 0.5 * v, "blob": v, "sah": 0.06 * v, "cast": 0.15 * v}[les.kind]
     return {"crescent": 47.0, "falx": 6.0, "tent": 3.0}[les.kind]
-
-
-def paint_lesions(m: HeadModel, rd: Rendered, lesions: tuple[LesionModel, ...], labels: npt.NDArray[np.uint8],
-                  lesion_id: npt.NDArray[np.uint8], tissue: npt.NDArray[np.uint8] | None) -> None:
-    """Paint ``lesions`` (in priority order) into the HU canvas and label maps of ``rd.block``."""
-    if rd.brain is None or rd.fields is None or rd.hu is None:
-        return
-    g = m.grid
-    order = sorted(range(len(lesions)), key=lambda i: PAINT_ORDER.index(lesions[i].subtype))
-    for i in order:
-        les = lesions[i]
-        if not math.isfinite(les.s):
-            continue
-        lo, hi = les.box(m)
-        loc = _sub(rd.brain, g, lo, hi)
-        if loc is None:
-            continue
-        sb, sl = loc
-        f = _slice_fields(rd.fields, sl)
-        full = rd.block.rel(sb)
-        canvas = rd.hu[full]
-        if les.kind == "layer":
-            h = _layer_h(sb)
-            ok = f.d_vent < 0
-            inside = (h <= np.float32(les.s)) & ok
-            frac = ramp(h - np.float32(les.s), np.float32(g.spacing[1])) * f.f_vent
-        else:
-            lf = lesion_field(m, les, sb, f)
-            inside = (lf.h <= np.float32(les.s)) & lf.ok
-            if lf.kappa is None:
-                frac = np.where(lf.h <= np.float32(les.s), lf.factor, np.float32(0.0)).astype(np.float32)
-            else:
-                dist = (lf.h - np.float32(les.s)) * lf.kappa
-                frac = ramp(dist, f.w) * lf.factor
-                if les.oedema_mm > 0:
-                    rim = ramp(dist - np.float32(les.oedema_mm), np.float32(m.w_iso))
-                    rim *= np.float32(1.0) - ramp(dist, f.w)
-                    rim *= f.f_par
-                    oed = np.float32(m.hu.wm) - np.float32(9.0) + np.float32(1.0) * f.tex
-                    lerp_into(canvas, oed, rim)
-                    if tissue is not None:
-                        _classify(tissue[full], rim, T_OEDEMA)
-        value = np.float32(les.hu) + np.float32(2.0) * f.tex
-        if les.swirl:
-            swirl = ramp(np.float32(0.9) - m.fine.on(sb), np.float32(0.4))
-            value = value - np.float32(22.0) * swirl
-        # Blood replaces the soft-tissue/CSF part of a voxel, not the bone (or calcification) that
-        # shares a partial-volume voxel with it: v += frac * (blood - inside), inside ~ clip(v).
-        soft = np.clip(canvas, np.float32(-20.0), np.float32(60.0))
-        value -= soft
-        value *= frac
-        canvas += value
-        labels[full][inside] = np.uint8(les.code)
-        lesion_id[full][inside] = np.uint8(i + 1)
-        if tissue is not None:
-            _classify(tissue[full], frac, T_BLOOD)
-
-
-def _classify(tissue: npt.NDArray[np.uint8], frac: F32, cls: int) -> None:
-    """Tissue class ``cls`` where the voxel is (almost) all of it, mixed where it is partly."""
-    tissue[frac >= 0.97] = cls
-    tissue[(frac > 0.03) & (frac < 0.97)] = T_MIXED
 
 
 # --------------------------------------------------------------------------------------------
@@ -667,57 +510,83 @@ class Collector:
 
     def add(self, rd: Rendered) -> None:
         """Record the candidates of every lesion in the rendered block (before streaks and noise)."""
+        for i in range(len(self.lesions)):
+            self._add_one(i, rd)
+
+    def _add_one(self, i: int, rd: Rendered) -> None:
         if rd.brain is None or rd.fields is None or rd.hu is None:
             return
         g = self.m.grid
         ny, nx = g.shape[1], g.shape[2]
-        for i, les in enumerate(self.lesions):
-            lo, hi = replace(les, s=self.s_box[i]).box(self.m)
-            loc = _sub(rd.brain, g, lo, hi)
-            if loc is None:
-                continue
-            sb, sl = loc
-            f = _slice_fields(rd.fields, sl)
-            kappa: F32 | None
-            if les.kind == "layer":
-                h, ok, factor = _layer_h(sb), f.d_vent < 0, f.f_vent
-                kappa = np.full(sb.shape, 1.0, np.float32)
-                keep = ok | (factor > 0)
-                w = np.full(sb.shape, g.spacing[1], np.float32)
+        les = self.lesions[i]
+        lo, hi = replace(les, s=self.s_box[i]).box(self.m)
+        loc = _sub(rd.brain, g, lo, hi)
+        if loc is None:
+            return
+        sb, sl = loc
+        f = _slice_fields(rd.fields, sl)
+        kappa: F32 | None
+        if les.kind == "layer":
+            h, ok, factor = _layer_h(sb), f.d_vent < 0, f.f_vent
+            kappa = np.full(sb.shape, 1.0, np.float32)
+            keep = ok | (factor > 0)
+            w = np.full(sb.shape, g.spacing[1], np.float32)
+        else:
+            lf = lesion_field(self.m, les, sb, f)
+            h, ok, factor, kappa = lf.h, lf.ok, lf.factor, lf.kappa
+            if kappa is None:
+                keep = ok & (h <= np.float32(self.s_box[i]))
             else:
-                lf = lesion_field(self.m, les, sb, f)
-                h, ok, factor, kappa = lf.h, lf.ok, lf.factor, lf.kappa
-                if kappa is None:
-                    keep = ok & (h <= np.float32(self.s_box[i]))
-                else:
-                    reach = (np.float32(les.oedema_mm) + f.w) / kappa
-                    keep = (h <= np.float32(self.s_box[i]) + reach) & (factor > 0)
-                w = f.w
-            kk, jj, ii = np.nonzero(keep)
-            if kk.size == 0:
-                continue
-            idx = ((kk + sb.k0).astype(np.int64) * ny + (jj + sb.j0)) * nx + (ii + sb.i0)
-            full = rd.block.rel(sb)
-            fine = self.m.fine.on(sb)[keep] if les.swirl else None
-            self.parts[i].append(_Cand(idx, h[keep], ok[keep], factor[keep], None if kappa is None else kappa[keep],
-                                       w[keep], f.tex[keep], f.f_par[keep], rd.hu[full][keep], fine))
+                reach = (np.float32(les.oedema_mm) + f.w) / kappa
+                keep = (h <= np.float32(self.s_box[i]) + reach) & (factor > 0)
+            w = f.w
+        kk, jj, ii = np.nonzero(keep)
+        if kk.size == 0:
+            return
+        idx = ((kk + sb.k0).astype(np.int64) * ny + (jj + sb.j0)) * nx + (ii + sb.i0)
+        full = rd.block.rel(sb)
+        fine = self.m.fine.on(sb)[keep] if les.swirl else None
+        self.parts[i].append(_Cand(idx, h[keep], ok[keep], factor[keep], None if kappa is None else kappa[keep],
+                                   w[keep], f.tex[keep], f.f_par[keep], rd.hu[full][keep], fine))
 
-    def thresholds(self) -> list[LesionModel] | None:
-        """Lesions with their thresholds, or None if a box was too small (size them in two passes)."""
+    def _values(self, i: int) -> F32:
+        parts = self.parts[i]
+        vals = np.concatenate([c.h[c.ok] for c in parts]) if parts else np.zeros(0, np.float32)
+        vals = vals[np.isfinite(vals)]
+        if self.lesions[i].kind != "layer":
+            vals = vals[vals <= np.float32(self.s_box[i])]
+        return vals
+
+    def _regrow(self, i: int) -> None:
+        """Grow the box of lesion ``i`` and collect it again, rendering only that box (without noise)."""
+        g = self.m.grid
+        self.s_box[i] *= 1.7
+        self.parts[i] = []
+        box = g.index_box(*replace(self.lesions[i], s=self.s_box[i]).box(self.m))
+        if box is None:
+            return
+        step = max(1, (1 << 18) // max(1, (box[3] - box[2]) * (box[5] - box[4])))
+        for ka in range(box[0], box[1], step):
+            rd = render(self.m, g.box(ka, min(box[1], ka + step), *box[2:]), want_hu=True)
+            self._add_one(i, rd)
+
+    def thresholds(self) -> list[LesionModel]:
+        """The lesions with their thresholds ``s`` (a box that proves too small is grown and collected
+        again; a compartment that cannot hold the requested volume is filled and logged)."""
         out = []
         for i, les in enumerate(self.lesions):
-            vals = np.concatenate([c.h[c.ok] for c in self.parts[i]]) if self.parts[i] else np.zeros(0, np.float32)
-            vals = vals[np.isfinite(vals)]
-            if les.kind != "layer":
-                vals = vals[vals <= np.float32(self.s_box[i])]
-            s = _threshold(vals, _n_target(self.m, les))
-            if s is None and les.kind == "layer":
-                out.append(_clamped(self.m, les, vals))
-                continue
-            # The box at s_box holds {h <= s_box} plus the ramp margin, so any s below it is exact.
-            if s is None or (les.kind != "layer" and s >= 0.98 * self.s_box[i]):
-                return None
-            out.append(replace(les, s=s))
+            n_target = _n_target(self.m, les)
+            for attempt in range(6):
+                vals = self._values(i)
+                s = _threshold(vals, n_target)
+                # The box at s_box holds {h <= s_box} plus the ramp margin, so any s below it is exact.
+                if s is not None and (les.kind == "layer" or s < 0.98 * self.s_box[i]):
+                    out.append(replace(les, s=s))
+                    break
+                if les.kind == "layer" or attempt == 5:
+                    out.append(_clamped(self.m, les, vals))
+                    break
+                self._regrow(i)
         return out
 
     def paint(self, lesions: list[LesionModel], hu: F32, labels: npt.NDArray[np.uint8],

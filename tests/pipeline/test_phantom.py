@@ -327,3 +327,17 @@ def test_requests_are_validated() -> None:
         P.generate_study(1, slices=5, matrix=64)
     with pytest.raises(ValueError, match="layout"):
         P.write_studies(Path("/nonexistent"), n=1, seed=1, layout="nrrd")
+
+
+def test_lesion_boxes_that_are_too_small_are_regrown(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lesions are sized while the anatomy renders, in a box guessed from the requested volume; a
+    box that proves too small is grown and collected again, with the same result."""
+    import pipeline.phantom_lesions as L
+
+    subs = ["epidural:8", "subdural:6", "intraparenchymal:5", "intraventricular:2", "subarachnoid:3"]
+    one = _small(44, subs, tissue_map=True)
+    monkeypatch.setattr(L, "_BOX_FACTOR", {k: 0.3 for k in L._BOX_FACTOR})
+    two = _small(44, subs, tissue_map=True)
+    assert np.array_equal(one.labels, two.labels)
+    assert np.array_equal(one.hu, two.hu)
+    assert one.tissue is not None and two.tissue is not None and np.array_equal(one.tissue, two.tissue)
