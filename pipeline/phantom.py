@@ -35,9 +35,10 @@ import csv
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import numpy.typing as npt
@@ -95,7 +96,7 @@ CTICH_FIRST_PATIENT = 49
 CTICH_COLUMNS: tuple[str, ...] = ("PatientNumber", "SliceNumber", "Intraventricular", "Intraparenchymal",
                                   "Subarachnoid", "Epidural", "Subdural", "No_Hemorrhage", "Fracture_Yes_No")
 # Published CT numbers (HU) of the tissue classes, for docs/phantom.md.
-PUBLISHED_HU: dict[str, tuple[float, float]] = {
+PUBLISHED_HU: Mapping[str, tuple[float, float]] = MappingProxyType({
     "air": (-1000.0, -1000.0),
     "fat": (-120.0, -60.0),
     "soft tissue": (20.0, 60.0),
@@ -111,7 +112,7 @@ PUBLISHED_HU: dict[str, tuple[float, float]] = {
     "calcification": (100.0, 400.0),
     "acute blood": (50.0, 90.0),
     "oedema": (15.0, 25.0),
-}
+})
 
 
 @dataclass(frozen=True, eq=False)
@@ -582,7 +583,8 @@ _GALLERY_ROWS: tuple[tuple[str, int, tuple[str, ...]], ...] = (
     ("negative", 14, ()),
     ("hard negatives", -1, ()),
 )
-_CONTOUR_COLORS = {1: "#ff3b30", 2: "#ffcc00", 3: "#34c759", 4: "#00c7ff", 5: "#ff2dff"}
+_CONTOUR_COLORS: Mapping[int, str] = MappingProxyType(
+    {1: "#ff3b30", 2: "#ffcc00", 3: "#34c759", 4: "#00c7ff", 5: "#ff2dff"})
 
 
 def _gallery_slices(study: PhantomStudy, title: str) -> list[int]:

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from types import MappingProxyType
 
 import numpy as np
 import numpy.typing as npt
@@ -47,17 +49,17 @@ from pipeline.phantom_geometry import F32, F64, Block, lerp_into, ramp, rotation
 LOGGER = logging.getLogger(__name__)
 
 SUBTYPES: tuple[str, ...] = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural")
-SUBTYPE_CODES: dict[str, int] = {name: i + 1 for i, name in enumerate(SUBTYPES)}
+SUBTYPE_CODES: Mapping[str, int] = MappingProxyType({name: i + 1 for i, name in enumerate(SUBTYPES)})
 # Painting order, lowest priority first: where painted regions overlap, the later one wins.
 PAINT_ORDER: tuple[str, ...] = ("subarachnoid", "intraparenchymal", "intraventricular", "subdural", "epidural")
 # Log-uniform volume ranges (mL) used when a size is not requested.
-DEFAULT_ML: dict[str, tuple[float, float]] = {
+DEFAULT_ML: Mapping[str, tuple[float, float]] = MappingProxyType({
     "epidural": (3.0, 80.0),
     "intraparenchymal": (0.5, 60.0),
     "intraventricular": (0.3, 12.0),
     "subarachnoid": (1.0, 25.0),
     "subdural": (3.0, 80.0),
-}
+})
 _CENTER = (0.0, 2.0, 10.0)
 
 
@@ -495,8 +497,8 @@ class _Cand:
 
 # First-box size over the rough guess of ``s``, per shape: above the largest ratio seen over
 # many seeds and sizes, so that a second pass is rarely needed.
-_BOX_FACTOR = {"lens": 1.7, "blob": 1.35, "sah": 1.6, "cast": 1.6, "crescent": 2.0, "falx": 1.6, "tent": 1.6,
-               "layer": 1.0}
+_BOX_FACTOR: Mapping[str, float] = MappingProxyType({
+    "lens": 1.7, "blob": 1.35, "sah": 1.6, "cast": 1.6, "crescent": 2.0, "falx": 1.6, "tent": 1.6, "layer": 1.0})
 
 
 class Collector:

@@ -336,7 +336,7 @@ def test_lesion_boxes_that_are_too_small_are_regrown(monkeypatch: pytest.MonkeyP
 
     subs = ["epidural:8", "subdural:6", "intraparenchymal:5", "intraventricular:2", "subarachnoid:3"]
     one = _small(44, subs, tissue_map=True)
-    monkeypatch.setattr(L, "_BOX_FACTOR", {k: 0.3 for k in L._BOX_FACTOR})
+    monkeypatch.setattr(L, "_BOX_FACTOR", dict.fromkeys(L._BOX_FACTOR, 0.3))
     two = _small(44, subs, tissue_map=True)
     assert np.array_equal(one.labels, two.labels)
     assert np.array_equal(one.hu, two.hu)
