@@ -3,7 +3,9 @@
 Each slice (three windows, optionally the brain window of its neighbours) goes through
 a small 2D CNN to an embedding; a bidirectional GRU reads the embeddings in slice order
 and gives per-slice logits; series logits come from learned attention pooling over the
-slices, one attention head per label. Label order is :data:`pipeline.findings.LABELS`.
+slices, one attention head per label, whose scores start as the slice logits themselves
+(a soft maximum: a series is positive when a slice is) and learn a context term.
+Label order is :data:`pipeline.findings.LABELS`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,17 @@ class ClassifierArch:
     embedding: int = 128
     hidden: int = 96
     labels: int = len(LABELS)
+    aux_stage: int = 2  # stage (0-based) whose features feed the training-only dense head
+
+    @property
+    def aux_level(self) -> int:
+        """The stage that feeds the auxiliary head (the last one if aux_stage is beyond)."""
+        return min(self.aux_stage, len(self.widths) - 1)
+
+    @property
+    def aux_stride(self) -> int:
+        """Down-sampling factor of the auxiliary head's output."""
+        return int(2 ** (self.aux_level + 1))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
@@ -45,30 +58,49 @@ class ClassifierArch:
         return cls(in_channels=int(data["in_channels"]),
                    widths=tuple(int(w) for w in data["widths"]),
                    embedding=int(data["embedding"]), hidden=int(data["hidden"]),
-                   labels=int(data["labels"]))
+                   labels=int(data["labels"]), aux_stage=int(data.get("aux_stage", 2)))
 
 
 class SliceEncoder(nn.Module):
     """2D CNN: per stage a strided and a plain 3x3 convolution (batch norm, ReLU), then
-    global average and max pooling and a linear projection to the embedding."""
+    global average and max pooling and a linear projection to the embedding.
+
+    A 1x1 convolution on the features of stage ``aux_stage`` gives coarse per-region
+    logits of the six labels; it is trained where masks exist (dense supervision makes
+    the encoder learn what blood looks like in far fewer steps) and unused at inference.
+    """
 
     def __init__(self, arch: ClassifierArch) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
+        stages: list[nn.Module] = []
         c_in = arch.in_channels
         for width in arch.widths:
-            layers.append(Convolution(2, c_in, width, strides=2, kernel_size=3, norm="batch",
-                                      act="relu"))
-            layers.append(Convolution(2, width, width, strides=1, kernel_size=3, norm="batch",
-                                      act="relu"))
+            stages.append(nn.Sequential(
+                Convolution(2, c_in, width, strides=2, kernel_size=3, norm="batch", act="relu"),
+                Convolution(2, width, width, strides=1, kernel_size=3, norm="batch", act="relu")))
             c_in = width
-        self.features = nn.Sequential(*layers)
-        self.project = nn.Sequential(nn.Linear(2 * c_in, arch.embedding), nn.LayerNorm(arch.embedding))
+        self.stages = nn.ModuleList(stages)
+        self.aux_stage = arch.aux_level
+        self.aux_head = nn.Conv2d(arch.widths[arch.aux_level], arch.labels, kernel_size=1)
+        self.project = nn.Sequential(nn.Linear(2 * c_in, arch.embedding),
+                                     nn.LayerNorm(arch.embedding))
+
+    def forward_with_aux(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, C, H, W) -> (embedding (n, E), region logits (n, L, H/s, W/s))."""
+        aux = x
+        for k, stage in enumerate(self.stages):
+            x = stage(x)
+            if k == self.aux_stage:
+                aux = self.aux_head(x)
+        pooled = torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)
+        out: torch.Tensor = self.project(pooled)
+        return out, aux
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(n, C, H, W) -> (n, embedding)."""
-        f = self.features(x)
-        pooled = torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1)
+        for stage in self.stages:
+            x = stage(x)
+        pooled = torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)
         out: torch.Tensor = self.project(pooled)
         return out
 
@@ -89,9 +121,10 @@ class SliceSeriesClassifier(nn.Module):
         ctx = 2 * arch.hidden + arch.embedding
         self.slice_head = nn.Linear(ctx, arch.labels)
         self.attention = nn.Linear(ctx, arch.labels)
-        self.series_weight = nn.Parameter(torch.zeros(arch.labels, ctx))
+        self.sharpness = nn.Parameter(torch.ones(arch.labels))
         self.series_bias = nn.Parameter(torch.zeros(arch.labels))
-        nn.init.normal_(self.series_weight, std=ctx ** -0.5)
+        nn.init.zeros_(self.attention.weight)
+        nn.init.zeros_(self.attention.bias)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(n, C, H, W) slices -> (n, embedding)."""
@@ -113,14 +146,16 @@ class SliceSeriesClassifier(nn.Module):
         else:
             ctx_rnn, _ = self.rnn(emb)
         ctx = torch.cat([ctx_rnn, emb], dim=-1)
-        slice_logits = self.slice_head(ctx)
-        scores = self.attention(ctx).float()  # (B, Z, L)
+        slice_logits = self.slice_head(ctx).float()
+        # Attention per label over slices: scores from the slice's own logit (a soft maximum,
+        # learned sharpness) plus a learned term of its context; the series logit is the
+        # attention-weighted mean of the slice logits plus a bias.
+        scores = self.sharpness.float() * slice_logits + self.attention(ctx).float()
         if valid is not None:
             scores = scores.masked_fill(~valid[:, :, None], float("-inf"))
         weights = torch.softmax(scores, dim=1)
-        pooled = torch.einsum("bzl,bzc->blc", weights, ctx.float())
-        series_logits = (pooled * self.series_weight.float()).sum(-1) + self.series_bias.float()
-        return slice_logits.float(), series_logits
+        series_logits = (weights * slice_logits).sum(dim=1) + self.series_bias.float()
+        return slice_logits, series_logits
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,6 +163,14 @@ class SliceSeriesClassifier(nn.Module):
         b, z = x.shape[:2]
         emb = self.encode(x.reshape(b * z, *x.shape[2:])).reshape(b, z, -1)
         return self.sequence(emb, valid)
+
+    def forward_train(self, x: torch.Tensor, valid: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`forward` plus the auxiliary region logits (B, Z, L, H/s, W/s)."""
+        b, z = x.shape[:2]
+        emb, aux = self.encoder.forward_with_aux(x.reshape(b * z, *x.shape[2:]))
+        sl, se = self.sequence(emb.reshape(b, z, -1), valid)
+        return sl, se, aux.reshape(b, z, *aux.shape[1:])
 
 
 def build_classifier(arch: ClassifierArch) -> SliceSeriesClassifier:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -79,3 +80,19 @@ def test_segmenter_overfits(tmp_path: Path) -> None:
 def test_phantom_needs_no_folder_other_formats_do(tmp_path: Path) -> None:
     with pytest.raises(TrainingError, match="needs --data"):
         train("classifier", None, "rsna", tmp_path, epochs=1, device="cpu")
+
+
+def test_phantom_in_memory_with_cache(tmp_path: Path) -> None:
+    pytest.importorskip("pipeline.phantom")
+    kwargs: dict[str, Any] = dict(epochs=1, batch=2, steps_per_epoch=1, seed=3, size=32,
+                                  n_train=2, n_val=1, matrix=32, device="cpu",
+                                  cache=tmp_path / "cache",
+                                  phantom_options={"negative_fraction": 0.0})
+    first = train("segmenter", None, "phantom", tmp_path / "a", **kwargs)
+    (cached,) = list((tmp_path / "cache").glob("phantom-*.npz"))
+    stamp = cached.stat().st_mtime_ns
+    second = train("classifier", None, "phantom", tmp_path / "b", **kwargs)
+    assert cached.stat().st_mtime_ns == stamp  # read, not regenerated
+    _, meta = load_weights(second.best, classifier_spec(32, 1), "classifier")
+    assert "synthetic phantom" in meta.training["data"] and meta.demo
+    assert first.best.is_file()
