@@ -3,7 +3,8 @@
 Metrics (numpy implementations; scikit-learn is not a dependency):
 
 * ROC AUC per label, per slice and per series (Mann-Whitney U with average ranks for ties);
-* sensitivity and specificity per label at the operating point (per series);
+* sensitivity and specificity per label at the operating point (per series), and the best
+  per-series sensitivity at a specificity of at least 0.95;
 * the RSNA 2019 weighted log loss (weight 2 for "any", 1 for each subtype; probabilities
   clipped to [1e-7, 1 - 1e-7]), per slice as in the challenge and per series;
 * Dice per subtype and for all blood, per series, on the volume's grid, for the series
@@ -85,20 +86,43 @@ def sensitivity_specificity(y: np.ndarray, p: np.ndarray, threshold: float
     return sens, spec
 
 
-def operating_point(y: np.ndarray, p: np.ndarray, min_sensitivity: float = 0.95) -> float:
-    """The highest threshold whose sensitivity reaches ``min_sensitivity`` (triage favours
-    sensitivity), halfway down to the next lower score so that it is not on a sample;
-    0.5 when ``y`` has no positives."""
+def operating_point(y: np.ndarray, p: np.ndarray, min_sensitivity: float | None = None
+                    ) -> float:
+    """A threshold chosen on labelled scores, placed halfway between two adjacent distinct
+    scores so that it is not on a sample; 0.5 when ``y`` has one class only.
+
+    ``min_sensitivity=None``: the threshold with the largest Youden index (sensitivity +
+    specificity - 1), the lowest such one on ties. Otherwise the highest threshold whose
+    sensitivity reaches ``min_sensitivity``.
+    """
     y = np.asarray(y).astype(bool).ravel()
     p = np.asarray(p, dtype=np.float64).ravel()
-    if not y.any():
+    if not y.any() or y.all():
         return 0.5
-    pos = np.sort(p[y])[::-1]
-    k = int(np.ceil(min_sensitivity * pos.size)) - 1
-    t = float(pos[max(k, 0)])
+    if min_sensitivity is None:
+        fpr, tpr, cuts = roc_curve(y, p)
+        j = tpr - fpr
+        best = int(np.flatnonzero(j == j.max())[-1])
+        t = float(cuts[max(best, 1)])
+    else:
+        pos = np.sort(p[y])[::-1]
+        k = int(np.ceil(min_sensitivity * pos.size)) - 1
+        t = float(pos[max(k, 0)])
     lower = p[p < t]
     below = float(lower.max()) if lower.size else 0.0
     return float(min(max((t + below) / 2.0, 1e-4), 1 - 1e-4))
+
+
+def sensitivity_at_specificity(y: np.ndarray, p: np.ndarray, min_specificity: float
+                               ) -> float | None:
+    """The best sensitivity of any threshold whose specificity is at least
+    ``min_specificity``; None with one class only."""
+    y = np.asarray(y).astype(bool).ravel()
+    if not y.any() or y.all():
+        return None
+    fpr, tpr, _ = roc_curve(y, p)
+    ok = (1.0 - fpr) >= min_specificity - 1e-12
+    return float(tpr[ok].max()) if ok.any() else 0.0
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float | None:
@@ -172,7 +196,9 @@ def summarize(results: list[SeriesResult], thresholds: dict[str, float],
             "auc_series": _nan_to_none(roc_auc(ys[:, i], ps[:, i])),
             "auc_slice": _nan_to_none(roc_auc(yl[:, i], pl[:, i])),
             "threshold": round(thresholds[name], 6),
-            "sensitivity": _nan_to_none(sens), "specificity": _nan_to_none(spec)}
+            "sensitivity": _nan_to_none(sens), "specificity": _nan_to_none(spec),
+            "sensitivity_at_specificity_0.95": _nan_to_none(
+                sensitivity_at_specificity(ys[:, i], ps[:, i], 0.95))}
     out["weighted_log_loss_slice"] = round(weighted_log_loss(yl, pl), 6)
     out["weighted_log_loss_series"] = round(weighted_log_loss(ys, ps), 6)
     seg = [r for r in results if r.ref_ml is not None]
@@ -264,7 +290,8 @@ def evaluate(data: Path | None, fmt: DataFormat, out_dir: Path,
              studies: Iterable[Study] | None = None,
              phantom_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate the weights of ``config`` (default: the shipped ones) on a dataset and
-    write ``out_dir/metrics.json`` and the plots; returns the metrics.
+    write ``out_dir/metrics.json``, ``out_dir/series.json`` (per-series results) and the
+    plots; returns the metrics.
 
     ``data=None`` with ``fmt='phantom'`` generates ``n`` phantom studies in memory from
     seeds ``seed .. seed + n - 1`` at ``matrix`` pixels (keep ``seed`` away from the
@@ -287,6 +314,11 @@ def evaluate(data: Path | None, fmt: DataFormat, out_dir: Path,
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics["plots"] = [p.name for p in write_plots(results, out_dir)]
+    per_series = [{"study": r.study_id, "labels": r.series_labels.tolist(),
+                   "probabilities": [round(float(v), 5) for v in r.series_probabilities],
+                   "positive": r.positive.tolist(), "reference_ml": r.ref_ml,
+                   "segmented_ml": r.pred_ml, "dice": r.dice} for r in results]
+    (out_dir / "series.json").write_text(json.dumps(per_series, indent=1) + "\n")
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     LOGGER.info("evaluated %d series in %.1fs: %s", len(results), metrics["seconds"],
                 out_dir / "metrics.json")

@@ -21,8 +21,9 @@ calls :func:`train`. What it does:
 * Each epoch: validation on whole series, ``out/last.pt`` (everything needed to resume)
   and, when the validation score improves, ``out/best.pt`` + ``out/best.json`` (a
   weights file that :func:`pipeline.models.weights.load_weights` accepts). Classifier
-  operating points (sensitivity >= ``min_sensitivity`` on validation) go into the
-  metadata. ``resume=True`` continues from ``out/last.pt``.
+  operating points on the validation series go into the metadata (per label the largest
+  Youden index, or the highest threshold reaching ``min_sensitivity`` when given).
+  ``resume=True`` continues from ``out/last.pt``.
 * CUDA: fp16 autocast with a GradScaler; CPU: fp32.
 """
 
@@ -92,7 +93,7 @@ class TrainOptions:
     matrix: int = 128  # phantom in-plane pixels
     val_fraction: float = 0.2
     positive_fraction: float = 0.6
-    min_sensitivity: float = 0.95
+    min_sensitivity: float | None = None  # operating points: None = Youden, else this sensitivity
     max_minutes: float = 0.0  # 0: no limit; else stop after the epoch that passes it
     device: Literal["auto", "cpu", "cuda"] = "auto"
     command: str = ""
@@ -408,7 +409,7 @@ def segmenter_loss(logits: torch.Tensor, target: torch.Tensor, weights: torch.Te
 
 @torch.no_grad()
 def validate_classifier(model: SliceSeriesClassifier, studies: list[Prepared],
-                        spec: InputSpec, device: torch.device, min_sensitivity: float,
+                        spec: InputSpec, device: torch.device, min_sensitivity: float | None,
                         batch: int = 32) -> dict[str, Any]:
     """Whole-series validation: AUCs, weighted log loss and operating points."""
     model.eval()
@@ -653,6 +654,14 @@ def run_training(opts: TrainOptions, out: Path, resume: bool = False,
                        epoch + 1, history)
 
 
+def operating_point_rule(min_sensitivity: float | None) -> str:
+    """How the operating points were chosen, in words (stored in the metadata)."""
+    if min_sensitivity is None:
+        return "per label, the threshold with the largest Youden index on the validation series"
+    return (f"per label, the highest threshold with validation sensitivity >= "
+            f"{min_sensitivity} per series")
+
+
 def _save_best(net: nn.Module, spec: InputSpec, arch: dict[str, Any], opts: TrainOptions,
                val: dict[str, Any], record: dict[str, Any], train_set: list[Prepared],
                val_set: list[Prepared], path: Path) -> WeightsMeta:
@@ -673,7 +682,6 @@ def _save_best(net: nn.Module, spec: InputSpec, arch: dict[str, Any], opts: Trai
         training={"data": data, "format": opts.fmt, "command": opts.command,
                   "options": _jsonable(asdict(opts)), "epoch": record["epoch"],
                   "torch": torch.__version__,
-                  "operating_point_rule": f"highest threshold with validation sensitivity >= "
-                                          f"{opts.min_sensitivity} per series"},
+                  "operating_point_rule": operating_point_rule(opts.min_sensitivity)},
         metrics={"validation": _jsonable(metrics)})
     return save_weights(net.state_dict(), path, meta)

@@ -170,3 +170,22 @@ def test_models_identity_combines_both(tiny: tuple[ModelsConfig, Models]) -> Non
     assert ident.version == "0.0.1+0.0.1" and ident.demo
     other = replace(models, segmenter_meta=replace(models.segmenter_meta, sha256="0" * 64))
     assert other.identity.sha256 != ident.sha256
+
+
+def test_shipped_demo_weights_find_a_large_bleed() -> None:
+    """The default config loads the shipped weights (sha256 and spec checked) and calls a
+    phantom study with a 30 mL epidural hematoma positive, with the lesion in the mask."""
+    phantom = pytest.importorskip("pipeline.phantom")
+    from pipeline.datasets import phantom_to_study
+
+    config = ModelsConfig(device="cpu")
+    models = load_models(config)
+    assert models.identity.demo and models.classifier_meta.spec.size == 128
+    study = phantom_to_study(phantom.generate_volume(424242, shape=(28, 160, 160),
+                                                     subtypes=["epidural:30"]), "ship")
+    volume = Volume(hu=study.hu, image=study.image, source_sop_uids=[None] * 28,
+                    frame_of_reference_uid=None, series_uid="ship", study_uid="ship",
+                    report=ReconstructionReport())
+    findings = run_models(volume, models, config)
+    assert findings.positive, findings.to_json()
+    assert findings.lesions and findings.volumes_ml()["epidural"] > 10.0, findings.to_json()

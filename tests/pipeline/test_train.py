@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 from pipeline.datasets import Study
-from pipeline.evaluate import operating_point, roc_auc, sensitivity_specificity, weighted_log_loss
+from pipeline.evaluate import (
+    operating_point,
+    roc_auc,
+    sensitivity_at_specificity,
+    sensitivity_specificity,
+    weighted_log_loss,
+)
 from pipeline.findings import SUBTYPES
 from pipeline.models.inputs import classifier_spec, segmenter_spec
 from pipeline.models.weights import load_weights
@@ -37,6 +43,9 @@ def test_metric_helpers() -> None:
     t = operating_point(y, np.array([0.1, 0.4, 0.35, 0.8]), 0.95)
     assert 0.1 < t < 0.35
     assert sensitivity_specificity(y, np.array([0.1, 0.4, 0.35, 0.8]), t) == (1.0, 0.5)
+    youden = operating_point(y, np.array([0.1, 0.4, 0.35, 0.8]))
+    assert youden == pytest.approx(0.225)  # J = 0.5 at 0.8 and at 0.35: the lower one
+    assert sensitivity_at_specificity(y, np.array([0.1, 0.4, 0.35, 0.8]), 0.95) == 0.5
     perfect = np.eye(6)[[0, 1]]
     assert weighted_log_loss(perfect, perfect) < 1e-5
 
