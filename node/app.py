@@ -20,7 +20,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from node import __version__
 from node.assembler import SeriesAssembler
-from node.config import NodeConfig, check_runtime
+from node.config import ConfigError, NodeConfig, check_runtime
 from node.db import StateDB
 from node.http import HttpEndpoint
 from node.jobs import SqliteJobQueue
@@ -30,7 +30,9 @@ from node.scp import start_server
 from node.sender import Sender, SqliteOutboundQueue
 from node.spool import DiskSpool
 from node.worker import REAL_ANALYZER, WorkerProcess
-from pipeline.analyze import model_identity
+from pipeline.analyze import check_models
+from pipeline.errors import PipelineError
+from pipeline.findings import ModelIdentity
 
 LOGGER = logging.getLogger(__name__)
 
@@ -48,11 +50,32 @@ class Node:
         self._server: ThreadedAssociationServer | None = None
         self._http: HttpEndpoint | None = None
         self.db: StateDB | None = None
+        self._spool_db: StateDB | None = None
+        self.scheduler: BackgroundScheduler | None = None
+        self.worker: WorkerProcess | None = None
+        self.sender: Sender | None = None
 
     def start(self) -> None:
-        """Start every part; return once the DICOM port listens."""
+        """Start every part; return once the DICOM port listens. Refuses to start (a
+        ConfigError naming the key) when the spool is unusable or the real pipeline's
+        weights are missing or do not match their metadata; on any other failure the parts
+        already started are stopped again."""
         cfg = self.config
         check_runtime(cfg)
+        model: ModelIdentity | None = None
+        if self.analyzer == REAL_ANALYZER:
+            try:
+                model = check_models(cfg.pipeline)
+            except PipelineError as exc:
+                raise ConfigError(f"pipeline.models: {exc}") from exc
+        try:
+            self._start_parts(model)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_parts(self, model: ModelIdentity | None) -> None:
+        cfg = self.config
         self.db = db = StateDB(cfg.spool.path)
         # The files are the spool's truth (fsynced before the row is committed): see node.db.
         self._spool_db = StateDB(cfg.spool.path, synchronous="NORMAL")
@@ -84,14 +107,14 @@ class Node:
             self._http = HttpEndpoint(cfg.http.host, cfg.http.port, self.metrics, self.healthy)
             self._http.start()
         self.ae, self._server = start_server(cfg, self.spool, self.assembler, self.metrics)
-        model = model_identity()
         LOGGER.info(
             "ich-node %s listening as %s on %s:%d; spool %s; %d destinations; analyzer %s; "
             "model %s; recovered %d files, re-queued %d jobs (%d failed), %d outbound, "
             "resumed %d series", __version__, cfg.dicom.ae_title, cfg.dicom.host, self.port,
             cfg.spool.path, len(cfg.destinations), self.analyzer,
-            f"{model['name']} {model['version']} sha256 {model['sha256'][:16]}" if model
-            else "none installed (jobs will fail until weights ship)",
+            f"{model.name} {model.version} sha256 {model.sha256[:16]}"
+            + (" (DEMO weights, not for clinical use)" if model.demo else "") if model
+            else "none (test analyzer)",
             recovered, requeued, failed, resent, resumed)
 
     @property
@@ -109,19 +132,21 @@ class Node:
         """Liveness: the worker runs and the listener is up."""
         if self._server is None:
             return False, "DICOM listener not running"
-        if not self.worker.is_alive():
+        if self.worker is None or not self.worker.is_alive():
             return False, "worker process not running"
         return True, "ok"
 
     def _housekeeping(self) -> None:
-        self.worker.ensure_running()
+        if self.worker is not None:
+            self.worker.ensure_running()
 
     def _retention(self) -> None:
         assert self.db is not None
         sweep(self.db, self.config.retention, self.config.spool.path)
 
     def stop(self) -> None:
-        """Stop accepting, finish or re-queue the current job, stop everything."""
+        """Stop accepting, finish or re-queue the current job, stop everything (also the
+        parts of a start that failed half-way)."""
         if self._stopped.is_set():
             return
         self._stopped.set()
@@ -130,14 +155,17 @@ class Node:
             self._server.shutdown()
             self._server = None
             self._drain_associations()
-        self.scheduler.shutdown(wait=True)
-        self.worker.stop()
-        self.sender.stop()
+        if self.scheduler is not None and self.scheduler.running:
+            self.scheduler.shutdown(wait=True)
+        if self.worker is not None:
+            self.worker.stop()
+        if self.sender is not None:
+            self.sender.stop()
         if self._http is not None:
             self._http.stop()
-        if self.db is not None:
-            self.db.close()
-            self._spool_db.close()
+        for db in (self.db, self._spool_db):
+            if db is not None:
+                db.close()
         LOGGER.info("stopped")
 
     def _drain_associations(self) -> None:

@@ -64,6 +64,46 @@ def build_parser() -> argparse.ArgumentParser:
                          help="DICOM + RSNA CSV + NIfTI masks, or the CT-ICH layout")
     phantom.add_argument("--patient-name", help="PatientName of every study")
 
+    analyze = verbs.add_parser("analyze", help="analyse a folder of DICOM files offline "
+                                              "and write the SR, SEG and preview files")
+    _common(analyze)
+    analyze.add_argument("input_dir", type=Path, metavar="INPUT_DIR")
+    analyze.add_argument("--out", type=Path, required=True, metavar="OUT_DIR",
+                         help="folder for the result objects")
+    analyze.add_argument("--json", action="store_true", help="print the findings as JSON")
+
+    train = verbs.add_parser("train", help="train the classifier or the segmenter")
+    _common(train)
+    train.add_argument("kind", choices=("classifier", "segmenter"))
+    train.add_argument("--data", type=Path, help="dataset folder (not needed for phantom)")
+    train.add_argument("--format", dest="fmt", choices=("phantom", "rsna", "ctich"),
+                       default="phantom", help="dataset layout (default phantom: generated "
+                       "on the fly)")
+    train.add_argument("--out", type=Path, required=True, help="run folder (checkpoints)")
+    train.add_argument("--epochs", type=int, default=20)
+    train.add_argument("--batch", type=int, default=4)
+    train.add_argument("--lr", type=float, default=2e-3)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--size", type=int, default=128, help="input pixels (default 128)")
+    train.add_argument("--steps-per-epoch", type=int, default=0, help="0 = one pass")
+    train.add_argument("--n-train", type=int, default=120, help="phantom training studies")
+    train.add_argument("--n-val", type=int, default=24, help="phantom validation studies")
+    train.add_argument("--matrix", type=int, default=128, help="phantom matrix (default 128)")
+    train.add_argument("--max-minutes", type=float, default=0.0, help="time budget; 0 = none")
+    train.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+
+    evaluate = verbs.add_parser("evaluate", help="metrics and plots of the configured weights")
+    _common(evaluate)
+    evaluate.add_argument("--data", type=Path, help="dataset folder (not needed for phantom)")
+    evaluate.add_argument("--format", dest="fmt", choices=("phantom", "rsna", "ctich"),
+                          default="phantom")
+    evaluate.add_argument("--out", type=Path, required=True, help="report folder")
+    evaluate.add_argument("--n", type=int, default=40, help="phantom studies (default 40)")
+    evaluate.add_argument("--seed", type=int, default=10_000,
+                          help="first phantom seed (default 10000, away from training)")
+    evaluate.add_argument("--matrix", type=int, default=256, help="phantom matrix")
+
     volume = verbs.add_parser("volume", help="build the HU volume of a folder of CT instances")
     _common(volume)
     volume.add_argument("input_dir", type=Path, metavar="INPUT_DIR")
@@ -157,6 +197,35 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """``ich-node train``."""
+    import shlex
+
+    from pipeline.train import train
+
+    result = train(args.kind, args.data, args.fmt, args.out, epochs=args.epochs,
+                   batch=args.batch, lr=args.lr, seed=args.seed, size=args.size,
+                   resume=args.resume, steps_per_epoch=args.steps_per_epoch,
+                   n_train=args.n_train, n_val=args.n_val, matrix=args.matrix,
+                   max_minutes=args.max_minutes, device=args.device,
+                   command="ich-node " + shlex.join(sys.argv[1:]))
+    print(result)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace, config: NodeConfig) -> int:
+    """``ich-node evaluate``."""
+    import json
+
+    from pipeline.evaluate import evaluate
+
+    metrics = evaluate(args.data, args.fmt, args.out, config.pipeline.models, n=args.n,
+                       seed=args.seed, matrix=args.matrix)
+    print(json.dumps(metrics.get("summary", metrics), indent=2, default=str))
+    print(f"report: {args.out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ich-node`` console script."""
     args = build_parser().parse_args(argv)
@@ -184,6 +253,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.verb == "phantom":
             return cmd_phantom(args)
+        if args.verb == "analyze":
+            from pipeline.analyze import analyze_command
+
+            return analyze_command(args.input_dir, args.out, args.json, config.pipeline)
+        if args.verb == "train":
+            return cmd_train(args)
+        if args.verb == "evaluate":
+            return cmd_evaluate(args, config)
         if args.verb == "volume":
             from pipeline.volume import volume_command
 

@@ -34,20 +34,23 @@ from node.spool import safe_name, write_durably
 
 LOGGER = logging.getLogger(__name__)
 
-REAL_ANALYZER = "pipeline.analyze:analyze"
+REAL_ANALYZER = "pipeline.analyze:Analyzer"
 
 Analyzer = Callable[[Path, Any], Any]
 
 
-def load_analyzer(path: str) -> Analyzer:
-    """Import ``module:function``."""
+def load_analyzer(path: str, config: NodeConfig) -> Analyzer:
+    """Import ``module:name``. A class is instantiated once with the pipeline config (so a
+    worker loads its models once); a function is used as it is."""
     module_name, _, attr = path.partition(":")
     if not attr:
-        raise ValueError(f"analyzer {path!r} must be 'module:function'")
-    func = getattr(importlib.import_module(module_name), attr)
-    if not callable(func):
+        raise ValueError(f"analyzer {path!r} must be 'module:name'")
+    target = getattr(importlib.import_module(module_name), attr)
+    if isinstance(target, type):
+        return target(config.pipeline)
+    if not callable(target):
         raise TypeError(f"analyzer {path!r} is not callable")
-    return func
+    return target
 
 
 def job_report_path(spool_dir: Path, job_id: int) -> Path:
@@ -125,9 +128,15 @@ def worker_main(config_json: str, analyzer_path: str,
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     config = NodeConfig.model_validate_json(config_json)
     setup_logging(config.logging)
-    analyzer = load_analyzer(analyzer_path)
     db = StateDB(config.spool.path)
     queue = SqliteJobQueue(db, config.worker.max_job_attempts)
+    try:
+        analyzer = load_analyzer(analyzer_path, config)
+    except Exception:  # e.g. weights missing or refused: the node must say so, loudly
+        LOGGER.exception("worker %d cannot load analyzer %s; jobs wait in the queue",
+                         os.getpid(), analyzer_path)
+        db.close()
+        raise
     LOGGER.info("worker %d started with analyzer %s", os.getpid(), analyzer_path)
     try:
         while not stop.is_set() and os.getppid() == parent:
@@ -151,6 +160,8 @@ class WorkerProcess:
         self._ctx = multiprocessing.get_context("spawn")
         self._stop = self._ctx.Event()
         self._process: multiprocessing.process.BaseProcess | None = None
+        self._restarts = 0
+        self._next_restart = 0.0
 
     def start(self) -> None:
         """Spawn the worker."""
@@ -166,12 +177,20 @@ class WorkerProcess:
         return self._process is not None and self._process.is_alive()
 
     def ensure_running(self) -> None:
-        """Restart a worker that died (its job is re-queued by attempt count)."""
-        if self._process is not None and not self._process.is_alive() and not self._stop.is_set():
-            LOGGER.error("worker process exited with code %s; restarting it",
-                         self._process.exitcode)
-            self.queue.requeue_interrupted()
-            self.start()
+        """Restart a worker that died (its job is re-queued by attempt count). A worker
+        that keeps dying is restarted less and less often (up to every 5 minutes)."""
+        if self._process is None or self._process.is_alive() or self._stop.is_set():
+            return
+        now = time.monotonic()
+        if now < self._next_restart:
+            return
+        self._restarts += 1
+        delay = min(300.0, 2.0 ** self._restarts)
+        self._next_restart = now + delay
+        LOGGER.error("worker process exited with code %s; restarting it (restart %d; next "
+                     "one no sooner than %.0f s)", self._process.exitcode, self._restarts, delay)
+        self.queue.requeue_interrupted()
+        self.start()
 
     def stop(self) -> None:
         """Let the current job finish within ``worker.shutdown_grace_s``, else kill the

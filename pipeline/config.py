@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.models.config import ModelsConfig
 from sr_writer.config import ResultsConfig
 
 
@@ -159,5 +160,7 @@ class PipelineConfig(_Strict):
         default=VolumeConfig(), description="Volume reconstruction.")
     windows: WindowsConfig = Field(
         default=WindowsConfig(), description="Display windows and brain mask.")
+    models: ModelsConfig = Field(
+        default=ModelsConfig(), description="Classifier and segmenter weights and inference.")
     results: ResultsConfig = Field(
         default=ResultsConfig(), description="Identity and appearance of the SR, SEG and preview.")

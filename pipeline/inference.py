@@ -68,12 +68,16 @@ class Models:
 
     @property
     def identity(self) -> ModelIdentity:
-        """One identity for the pair: names and versions joined with '+', and the sha256
-        of the two weights files' sha256 hex digests joined by a newline."""
-        c, s = self.classifier_meta, self.segmenter_meta
-        bundle = hashlib.sha256(f"{c.sha256}\n{s.sha256}\n".encode()).hexdigest()
-        return ModelIdentity(name=f"{c.name}+{s.name}", version=f"{c.version}+{s.version}",
-                             sha256=bundle, demo=c.demo or s.demo)
+        """One identity for the pair (:func:`bundle_identity`)."""
+        return bundle_identity(self.classifier_meta, self.segmenter_meta)
+
+
+def bundle_identity(c: WeightsMeta, s: WeightsMeta) -> ModelIdentity:
+    """One identity for classifier and segmenter: names and versions joined with '+', and
+    the sha256 of the two weights files' sha256 hex digests joined by a newline."""
+    bundle = hashlib.sha256(f"{c.sha256}\n{s.sha256}\n".encode()).hexdigest()
+    return ModelIdentity(name=f"{c.name}+{s.name}", version=f"{c.version}+{s.version}",
+                         sha256=bundle, demo=c.demo or s.demo)
 
 
 def cpu_threads() -> int:
@@ -129,10 +133,10 @@ def load_models(config: ModelsConfig) -> Models:
     raises :class:`InferenceError` naming the file and the rule that failed."""
     t0 = time.perf_counter()
     c_state, c_meta = load_weights(
-        config.classifier_weights,
+        config.classifier_path,
         classifier_spec(config.input_size, config.classifier_neighbours), "classifier")
     s_state, s_meta = load_weights(
-        config.segmenter_weights,
+        config.segmenter_path,
         segmenter_spec(config.input_size, config.segmenter_neighbours), "segmenter")
     try:
         c_arch = ClassifierArch.from_dict(c_meta.architecture)

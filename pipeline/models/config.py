@@ -63,13 +63,15 @@ class ModelsConfig(_Strict):
     """Classifier and segmenter weights, their input spec and how inference runs."""
 
     classifier_weights: Path = Field(
-        default=WEIGHTS_DIR / "classifier.pt",
+        default=Path("classifier.pt"),
         description="Path of the classifier state dict (.pt) with its JSON sidecar (.json) "
-        "beside it. Default: the shipped demo weights pipeline/weights/classifier.pt.")
+        "beside it; a relative path is taken from the shipped weights folder "
+        "(pipeline/weights/). Default: classifier.pt, the shipped demo weights.")
     segmenter_weights: Path = Field(
-        default=WEIGHTS_DIR / "segmenter.pt",
-        description="Path of the segmenter state dict (.pt) with its JSON sidecar. "
-        "Default: the shipped demo weights pipeline/weights/segmenter.pt.")
+        default=Path("segmenter.pt"),
+        description="Path of the segmenter state dict (.pt) with its JSON sidecar; a "
+        "relative path is taken from pipeline/weights/. Default: segmenter.pt, the shipped "
+        "demo weights.")
     input_size: int = Field(
         default=128, ge=32, le=1024,
         description="Pixels; slices are padded square and resized to input_size x input_size "
@@ -113,6 +115,18 @@ class ModelsConfig(_Strict):
         description="'any_positive': the segmentation mask (and lesion table) is kept only "
         "when the classifier calls the series positive for 'any'; 'none': always kept. "
         "Default: any_positive.")
+
+    @property
+    def classifier_path(self) -> Path:
+        """The classifier weights file (relative paths from the shipped weights folder)."""
+        return self.classifier_weights if self.classifier_weights.is_absolute() \
+            else WEIGHTS_DIR / self.classifier_weights
+
+    @property
+    def segmenter_path(self) -> Path:
+        """The segmenter weights file (relative paths from the shipped weights folder)."""
+        return self.segmenter_weights if self.segmenter_weights.is_absolute() \
+            else WEIGHTS_DIR / self.segmenter_weights
 
     @model_validator(mode="after")
     def _distinct_weights(self) -> ModelsConfig:

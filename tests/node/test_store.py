@@ -335,3 +335,22 @@ def test_tcp_nodelay_is_set_on_inbound_sockets(make_node: Callable[..., Node]) -
     assoc.release()  # type: ignore[attr-defined]
     wait_until(lambda: bool(seen), 5, what="EVT_ESTABLISHED")
     assert seen[0] != 0
+
+
+@pytest.mark.dcmtk
+def test_phantom_study_goes_through_the_node(make_node: Callable[..., Node],
+                                             tmp_path: Path) -> None:
+    """A realistic phantom series (scanner-like headers, signed/unsigned storage) is
+    spooled complete and becomes one job."""
+    from pipeline.phantom import write_studies
+
+    [study] = write_studies(tmp_path / "ph", 1, seed=9, subtypes=["subdural"], slices=30,
+                            matrix=128)
+    files = sorted((study.study_dir / "dicom").glob("*.dcm"))
+    node = make_node()
+    result = storescu(node.port, files, calling_ae="PHANTOM_CT")
+    assert result.returncode == 0, result.stderr
+    wait_until(lambda: [r["state"] for r in node.db.query("SELECT state FROM jobs")] == ["done"],
+               30, what="one job")
+    assert node.db.query("SELECT instance_count FROM jobs")[0]["instance_count"] == 30
+    assert len(_spooled(node, study.series_instance_uid)) == 30

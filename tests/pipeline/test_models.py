@@ -168,8 +168,8 @@ def test_weights_round_trip_and_refusals(tmp_path: Path) -> None:
 
 def test_config_thresholds_and_validation() -> None:
     cfg = ModelsConfig()
-    assert cfg.classifier_weights.name == "classifier.pt"
-    assert cfg.classifier_weights.parent.name == "weights"
+    assert cfg.classifier_path.name == "classifier.pt"
+    assert cfg.classifier_path.parent.name == "weights"
     stored = {name: 0.3 for name in LABELS}
     resolved = ModelsConfig(thresholds=OperatingPoints(subdural=0.7)).thresholds.resolve(stored)
     assert resolved["subdural"] == 0.7 and resolved["any"] == 0.3
