@@ -14,6 +14,8 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,6 +23,7 @@ from typing import Any, Protocol
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.config import Destination, NodeConfig
@@ -147,19 +150,17 @@ def _contexts_for(files: list[str]) -> list[tuple[str, list[str]]]:
     return list(wanted.items())
 
 
-def _make_ae(config: NodeConfig) -> AE:
+@contextmanager
+def _association(config: NodeConfig, dest: Destination,
+                 contexts: list[tuple[str, list[str]]]) -> Iterator[Association]:
+    """An established association to *dest* (Nagle off), released afterwards; SendError
+    when it cannot be established."""
     ae = AE(ae_title=config.outbound.calling_ae_title or config.dicom.ae_title)
     ae.acse_timeout = config.dicom.acse_timeout_s
     ae.dimse_timeout = config.dicom.dimse_timeout_s
     ae.network_timeout = config.dicom.network_timeout_s
     ae.maximum_pdu_size = config.dicom.max_pdu_bytes
-    return ae
-
-
-def send_files(config: NodeConfig, dest: Destination, files: list[str]) -> None:
-    """C-STORE every file to *dest* in one association; raise SendError on any failure."""
-    ae = _make_ae(config)
-    for sop_class, syntaxes in _contexts_for(files):
+    for sop_class, syntaxes in contexts:
         ae.add_requested_context(sop_class, syntaxes)
     handlers: list[Any] = [(evt.EVT_CONN_OPEN, set_nodelay)] if config.dicom.tcp_nodelay else []
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=handlers)
@@ -167,6 +168,15 @@ def send_files(config: NodeConfig, dest: Destination, files: list[str]) -> None:
         raise SendError(f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): association "
                         f"{'rejected' if assoc.is_rejected else 'failed'}")
     try:
+        yield assoc
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def send_files(config: NodeConfig, dest: Destination, files: list[str]) -> None:
+    """C-STORE every file to *dest* in one association; raise SendError on any failure."""
+    with _association(config, dest, _contexts_for(files)) as assoc:
         for path in files:
             status = assoc.send_c_store(Path(path))
             code = getattr(status, "Status", None)
@@ -176,29 +186,15 @@ def send_files(config: NodeConfig, dest: Destination, files: list[str]) -> None:
             if code != 0x0000 and not 0xB000 <= code <= 0xBFFF:
                 raise SendError(f"{dest.name}: C-STORE of {Path(path).name} failed with status "
                                 f"0x{code:04X}")
-    finally:
-        if assoc.is_established:
-            assoc.release()
 
 
 def echo(config: NodeConfig, dest: Destination) -> int:
     """C-ECHO *dest*; returns the status (raises SendError if no association)."""
-    ae = _make_ae(config)
-    ae.add_requested_context(Verification)
-    handlers: list[Any] = [(evt.EVT_CONN_OPEN, set_nodelay)] if config.dicom.tcp_nodelay else []
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=handlers)
-    if not assoc.is_established:
-        raise SendError(f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): association "
-                        f"{'rejected' if assoc.is_rejected else 'failed'}")
-    try:
-        status = assoc.send_c_echo()
-        code = getattr(status, "Status", None)
+    with _association(config, dest, [(str(Verification), [ImplicitVRLittleEndian])]) as assoc:
+        code = getattr(assoc.send_c_echo(), "Status", None)
         if code is None:
             raise SendError(f"{dest.name}: no response to C-ECHO")
         return int(code)
-    finally:
-        if assoc.is_established:
-            assoc.release()
 
 
 class Sender:
