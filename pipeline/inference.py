@@ -2,8 +2,11 @@
 
 A worker loads the networks once with :func:`load_models` and reuses the :class:`Models`
 object for every series. Inference is deterministic: eval mode (batch norm uses its
-running statistics, no dropout), ``torch.inference_mode``, and
-``torch.use_deterministic_algorithms`` when ``config.deterministic``.
+running statistics, no dropout), ``torch.inference_mode``, and, when
+``config.deterministic``, ``torch.use_deterministic_algorithms`` switched on for the
+duration of each prediction only. Loading on the CPU sets torch's thread count
+(``config.threads``, default all CPUs of the process): a process-wide setting, which is
+why a worker holds one :class:`Models`.
 
 Decisions and mask, as written into :class:`~pipeline.findings.Findings`:
 
@@ -65,6 +68,7 @@ class Models:
     device: torch.device
     autocast_dtype: torch.dtype | None  # None: fp32
     thresholds: dict[str, float]  # LABELS order
+    deterministic: bool = True  # torch deterministic algorithms while predicting
 
     @property
     def identity(self) -> ModelIdentity:
@@ -120,12 +124,10 @@ def assemble_models(classifier: SliceSeriesClassifier, segmenter: Segmenter,
     device, dtype = select_device(config)
     if device.type == "cpu":
         torch.set_num_threads(config.threads or cpu_threads())
-    if config.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
     classifier.to(device).eval()
     segmenter.to(device).eval()
     return Models(classifier, segmenter, classifier_meta, segmenter_meta, device, dtype,
-                  _thresholds(config, classifier_meta))
+                  _thresholds(config, classifier_meta), config.deterministic)
 
 
 def load_models(config: ModelsConfig) -> Models:
@@ -167,6 +169,22 @@ def _autocast(models: Models) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def _deterministic(enabled: bool) -> Iterator[None]:
+    """torch's deterministic-algorithms switch for the duration of one prediction; the
+    process-wide setting is restored afterwards (it slows training code elsewhere)."""
+    if not enabled:
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
 @dataclass
 class RawOutputs:
     """Network outputs for one volume before decisions."""
@@ -175,6 +193,18 @@ class RawOutputs:
     series_probabilities: np.ndarray  # (6,) float32
     mask: np.ndarray  # (z, y, x) uint8 argmax codes
     timings_s: dict[str, float]
+
+
+def argmax_channels(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(dim=1)`` as uint8 (first maximum wins), by one pass per class:
+    three times faster on CPU than torch's strided argmax over a few channels."""
+    best = logits[:, 0].clone()
+    out = torch.zeros(best.shape, dtype=torch.uint8, device=logits.device)
+    for c in range(1, logits.shape[1]):
+        channel = logits[:, c]
+        out[channel > best] = c
+        torch.maximum(best, channel, out=best)
+    return out
 
 
 def predict(hu: np.ndarray, models: Models, batch_size: int = 16,
@@ -187,11 +217,14 @@ def predict(hu: np.ndarray, models: Models, batch_size: int = 16,
     c_spec, s_spec = models.classifier_meta.spec, models.segmenter_meta.spec
     z = hu.shape[0]
     grids = {spec.size: ModelGrid.for_shape(hu.shape, spec.size) for spec in (c_spec, s_spec)}
-    windows = {(spec.size, spec.windows): windows_on_grid(hu, grids[spec.size], spec.windows)
-               for spec in (c_spec, s_spec)}
+    windows: dict[tuple[int, tuple[tuple[float, float], ...]], torch.Tensor] = {}
+    for spec in (c_spec, s_spec):  # once when both networks share size and windows
+        key = (spec.size, spec.windows)
+        if key not in windows:
+            windows[key] = windows_on_grid(hu, grids[spec.size], spec.windows)
     timings["preprocess"] = time.perf_counter() - t0
     dev = models.device
-    with torch.inference_mode(), _autocast(models):
+    with torch.inference_mode(), _autocast(models), _deterministic(models.deterministic):
         t1 = time.perf_counter()
         win = windows[(c_spec.size, c_spec.windows)]
         emb = [models.classifier.encode(
@@ -210,7 +243,7 @@ def predict(hu: np.ndarray, models: Models, batch_size: int = 16,
                 idx = np.arange(a, min(a + batch_size, z))
                 logits = models.segmenter(slice_inputs(win, s_spec, idx).to(dev)).float()
                 full = grid.to_volume(logits)
-                mask[a:a + len(idx)] = full.argmax(dim=1).to(torch.uint8).cpu().numpy()
+                mask[a:a + len(idx)] = argmax_channels(full).cpu().numpy()
             timings["segmenter"] = time.perf_counter() - t2
     return RawOutputs(slice_p, series_p, mask, timings)
 

@@ -41,7 +41,9 @@ def find_lesions(mask: np.ndarray, image: sitk.Image, min_volume_ml: float = 0.0
     if mask.shape != (size_xyz[2], size_xyz[1], size_xyz[0]):
         raise ValueError(f"mask shape {mask.shape} differs from the image grid "
                          f"{(size_xyz[2], size_xyz[1], size_xyz[0])} (z, y, x)")
-    codes = set(np.unique(mask).tolist()) - {0}
+    histogram = np.bincount(mask.ravel(), minlength=256) if mask.dtype == np.uint8 else \
+        np.bincount(np.asarray(mask, dtype=np.int64).ravel())
+    codes = set(np.flatnonzero(histogram).tolist()) - {0}
     unknown = codes - set(SUBTYPE_CODE.values())
     if unknown:
         raise ValueError(f"mask holds codes {sorted(unknown)}; only 0..5 are subtype codes")
@@ -50,10 +52,19 @@ def find_lesions(mask: np.ndarray, image: sitk.Image, min_volume_ml: float = 0.0
     min_voxels = min_volume_ml / vox_ml if vox_ml > 0 else 0.0
     cleaned = mask.copy()
     lesions: list[Lesion] = []
+    if not codes:
+        return lesions, cleaned
+    # Work inside the bounding box of all marked voxels (most of a head CT is unmarked).
+    crop = tuple(slice(int(idx[0]), int(idx[-1]) + 1) for idx in (
+        np.flatnonzero(mask.any(axis=(1, 2))), np.flatnonzero(mask.any(axis=(0, 2))),
+        np.flatnonzero(mask.any(axis=(0, 1)))))
+    offset = (crop[0].start, crop[1].start, crop[2].start)
+    sub = mask[crop]
+    view = cleaned[crop]
     for subtype, code in SUBTYPE_CODE.items():
         if code not in codes:
             continue
-        labels, n = ndimage.label(mask == code, structure=_STRUCTURE_26)
+        labels, n = ndimage.label(sub == code, structure=_STRUCTURE_26)
         if n == 0:
             continue
         objects = ndimage.find_objects(labels)
@@ -64,13 +75,12 @@ def find_lesions(mask: np.ndarray, image: sitk.Image, min_volume_ml: float = 0.0
                 continue
             voxels = int(counts[k])
             if voxels < min_voxels:
-                cleaned[box][labels[box] == k] = 0
+                view[box][labels[box] == k] = 0
                 continue
             comp = labels[box] == k
             zz, yy, xx = np.nonzero(comp)
-            cz = float(zz.mean()) + box[0].start
-            cy = float(yy.mean()) + box[1].start
-            cx = float(xx.mean()) + box[2].start
+            z0, y0, x0 = (b.start + o for b, o in zip(box, offset, strict=True))
+            cz, cy, cx = float(zz.mean()) + z0, float(yy.mean()) + y0, float(xx.mean()) + x0
             centroid = image.TransformContinuousIndexToPhysicalPoint((cx, cy, cz))
             per_slice = comp.sum(axis=(1, 2))
             extent = tuple(float((b.stop - b.start) * s)
@@ -79,8 +89,8 @@ def find_lesions(mask: np.ndarray, image: sitk.Image, min_volume_ml: float = 0.0
                 subtype=subtype, code=code, volume_ml=voxels * vox_ml,
                 centroid_mm=(float(centroid[0]), float(centroid[1]), float(centroid[2])),
                 extent_mm=(extent[0], extent[1], extent[2]),
-                slices=(int(box[0].start), int(box[0].stop - 1)),
-                largest_slice=int(box[0].start + int(np.argmax(per_slice))),
+                slices=(int(z0), int(z0 + box[0].stop - box[0].start - 1)),
+                largest_slice=int(z0 + int(np.argmax(per_slice))),
                 voxels=voxels))
         found.sort(key=lambda les: -les.volume_ml)
         lesions.extend(found)

@@ -189,3 +189,20 @@ def test_shipped_demo_weights_find_a_large_bleed() -> None:
     findings = run_models(volume, models, config)
     assert findings.positive, findings.to_json()
     assert findings.lesions and findings.volumes_ml()["epidural"] > 10.0, findings.to_json()
+
+
+def test_argmax_channels_matches_torch() -> None:
+    from pipeline.inference import argmax_channels
+
+    logits = torch.randn(3, 6, 17, 9)
+    logits[0, 2, 0, 0] = logits[0, 4, 0, 0] = 50.0  # tie: the first maximum wins
+    expected = logits.argmax(dim=1).to(torch.uint8)
+    torch.testing.assert_close(argmax_channels(logits), expected)
+    assert int(argmax_channels(logits)[0, 0, 0]) == 2
+
+
+def test_prediction_leaves_torch_settings_alone(tiny: tuple[ModelsConfig, Models]) -> None:
+    _, models = tiny
+    assert not torch.are_deterministic_algorithms_enabled()
+    predict(toy_volume(matrix=32).hu, models, 3)
+    assert not torch.are_deterministic_algorithms_enabled()
