@@ -167,7 +167,7 @@ class NodeProcess:
     def __init__(self, fsync: bool) -> None:
         self.fsync_on = fsync
         self.name = "node" if fsync else "node, fsync off"
-        self.fsync = "yes (file, folder, SQLite FULL)" if fsync else "no (spool.fsync false)"
+        self.fsync = "yes (file, folder; index WAL NORMAL)" if fsync else "no (spool.fsync false)"
         self.process: subprocess.Popen[bytes] | None = None
         self.spool: Path | None = None
         self.log: Path | None = None
