@@ -55,41 +55,55 @@ def test_echo_a_configured_destination(tmp_path: Path) -> None:
         receiver.stop()
 
 
-def test_run_wires_the_real_pipeline_reports_status_and_stops_on_sigterm(tmp_path: Path) -> None:
-    """``ich-node run`` uses the real ``pipeline.analyze``: a series is received, becomes a
-    job, and the job's outcome (whatever the pipeline can do today) is on disk with its
-    reason; ``status`` works while it runs and after; SIGTERM exits 0."""
+def test_run_wires_the_real_pipeline_end_to_end(tmp_path: Path) -> None:
+    """``ich-node run`` with the shipped config and the real pipeline: a phantom study in,
+    SR + SEG + previews out to the destination in the source study; a series that breaks a
+    selection rule becomes a failed job with its reason; ``status`` works while the node runs
+    and after; metrics and health answer; SIGTERM exits 0."""
+    from pipeline.phantom import write_studies
+
     port, http_port = free_port(), free_port()
+    receiver = Receiver(free_port()).start()
     spool = tmp_path / "spool"
     proc = subprocess.Popen(
         [*ICH_NODE, "run", "--config", str(REPO / "config.yaml"), "--port", str(port),
-         "--spool", str(spool), "--quiet-seconds", "1", "--ae-title", "NODE_UNDER_TEST"],
+         "--spool", str(spool), "--quiet-seconds", "1", "--ae-title", "NODE_UNDER_TEST",
+         "--destination", f"RESULTS@127.0.0.1:{receiver.port}"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env=dict(os.environ, ICH_NODE__HTTP__PORT=str(http_port),
                  ICH_NODE__SPOOL__MIN_FREE_MB="1"))
     try:
-        series = write_series(tmp_path / "in", 4, rows=32, seed=61)
-        wait_until(lambda: _can_send(port, series.files), 30, what="node listening")
+        [study] = write_studies(tmp_path / "ph", 1, seed=17, subtypes=["intraparenchymal:20"],
+                                slices=24, matrix=128)
+        files = sorted((study.study_dir / "dicom").glob("*.dcm"))
+        too_short = write_series(tmp_path / "in", 4, rows=32, seed=61)  # < min_slices
+        wait_until(lambda: _can_send(port, files), 60, what="node listening")
+        assert _can_send(port, too_short.files)
         wait_until(lambda: '"done": 1' in _run("status", "--spool", str(spool), "--json").stdout
-                   or '"failed": 1' in _run("status", "--spool", str(spool), "--json").stdout,
-                   60, what="the job to finish")
+                   and '"failed": 1' in _run("status", "--spool", str(spool), "--json").stdout,
+                   120, what="one job done and one failed")
+        wait_until(lambda: receiver.total() >= 3, 60, what="results at the destination")
+        modalities = sorted({str(ds.Modality) for ds in receiver.datasets.values()})  # type: ignore[attr-defined]
+        assert "SR" in modalities and "OT" in modalities
+        for ds in receiver.datasets.values():
+            assert ds.StudyInstanceUID == study.study_instance_uid  # type: ignore[attr-defined]
         status = json.loads(_run("status", "--spool", str(spool), "--json").stdout)
-        [entry] = status["series"]
-        assert entry["series_uid"] == series.series_uid and entry["instances"] == 4
-        report = json.loads(next((spool / "jobs").glob("*.json")).read_text())
-        if report["state"] == "failed":  # the models are not shipped yet: say so, lose nothing
-            assert entry["last_error"] and report["error"] == entry["last_error"]
+        failed = next(s for s in status["series"] if s["series_uid"] == too_short.series_uid)
+        assert failed["state"] == "failed" and "min_slices" in failed["last_error"]
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics").read().decode()
-        assert 'ich_node_instances_received_total{outcome="stored"} 4.0' in metrics
+        assert 'ich_node_instances_received_total{outcome="stored"} 28.0' in metrics
+        assert 'ich_node_failed_jobs{kind="SeriesRejected"} 1.0' in metrics
         health = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/healthz").read()
         assert health == b"ok\n"
     finally:
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=60)
+        receiver.stop()
     assert proc.returncode == 0, output
-    assert "listening as NODE_UNDER_TEST" in output and "stopped" in output
+    assert "listening as NODE_UNDER_TEST" in output and "DEMO weights" in output
+    assert "stopped" in output
     text = _run("status", "--spool", str(spool)).stdout  # works with the node stopped
-    assert series.series_uid[-44:] in text
+    assert study.series_instance_uid[-44:] in text
 
 
 def _can_send(port: int, files: list[Path]) -> bool:
