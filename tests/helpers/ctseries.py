@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from pydicom import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, generate_uid
-from pynetdicom.sop_class import CTImageStorage
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 TEST_ROOT = "1.2.826.0.1.3680043.8.498.99."
 
