@@ -121,18 +121,13 @@ def analyze_command(input_dir: Path, out_dir: Path, as_json: bool, config: Pipel
     (``--json``: the public shape of :meth:`pipeline.findings.Findings.to_json`). Returns 0,
     or 1 with the reason when the series cannot be analysed."""
     import json
-    import sys
 
-    from pipeline.errors import PipelineError
+    from pipeline.errors import PipelineError, print_error
 
     try:
         results = analyze(input_dir, config)
     except PipelineError as exc:
-        if as_json:
-            print(json.dumps({"error": type(exc).__name__, "message": str(exc)}, indent=2))
-        else:
-            print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+        return print_error(exc, as_json)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     for index, ds in enumerate(results.datasets):

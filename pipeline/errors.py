@@ -20,3 +20,16 @@ class VolumeError(PipelineError):
 
 class InferenceError(PipelineError):
     """The models could not be loaded or run."""
+
+
+def print_error(exc: PipelineError, as_json: bool) -> int:
+    """The command-line form of a pipeline failure: ``{"error", "message"}`` on stdout with
+    ``--json``, else one line on stderr. Returns the exit status (1)."""
+    import json
+    import sys
+
+    if as_json:
+        print(json.dumps({"error": type(exc).__name__, "message": str(exc)}, indent=2))
+    else:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+    return 1

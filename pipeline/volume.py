@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -29,7 +28,7 @@ from pydicom.errors import InvalidDicomError
 from scipy import ndimage
 
 from pipeline.config import PipelineConfig, VolumeConfig
-from pipeline.errors import PipelineError, VolumeError
+from pipeline.errors import PipelineError, VolumeError, print_error
 from pipeline.selection import SelectionResult, select_series
 from pipeline.sorting import SliceInfo, StackPlan, plan_stack, slices_from_dataset
 
@@ -378,11 +377,7 @@ def volume_command(input_dir: Path, out_file: Path, as_json: bool, config: Pipel
     try:
         volume, selection = load_volume(input_dir, config)
     except PipelineError as exc:
-        if as_json:
-            print(json.dumps({"error": type(exc).__name__, "message": str(exc)}, indent=2))
-        else:
-            print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+        return print_error(exc, as_json)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     sitk.WriteImage(volume.image, str(out_file), True)
     if as_json:
