@@ -148,6 +148,15 @@ class StateDB:
         with self._lock:
             return self._conn.execute(sql, params).fetchall()
 
+    def count_by_state(self, table: str, states: tuple[str, ...]) -> dict[str, int]:
+        """Rows of *table* (series, jobs or outbound) per state, every state listed."""
+        if table not in ("series", "jobs", "outbound"):
+            raise ValueError(f"no state column in table {table!r}")
+        counts = dict.fromkeys(states, 0)
+        counts.update({r["state"]: r["n"] for r in self.query(
+            f"SELECT state, COUNT(*) AS n FROM {table} GROUP BY state")})
+        return counts
+
     def close(self) -> None:
         """Close the connection."""
         with self._lock:

@@ -47,10 +47,6 @@ REJECT_NOT_ALLOWED = (0x01, 0x01, 0x01)  # permanent, service user, no reason gi
 REJECT_CONGESTION = (0x02, 0x03, 0x01)  # transient, service provider (presentation), congestion
 REJECT_LIMIT = (0x02, 0x03, 0x02)  # transient, service provider, local limit exceeded
 
-_NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2",
-                    "1.2.840.10008.1.2.1.99"}
-
-
 class StoreRejected(Exception):
     """A received instance cannot be accepted; carries the status to answer with."""
 
@@ -190,7 +186,7 @@ def _check_pixel_data(ds: Dataset, pixel_length: int | None, transfer_syntax: st
     if pixel_length is None:
         raise StoreRejected(CANNOT_UNDERSTAND_PIXEL_DATA, "data set has no Pixel Data",
                             "no_pixel_data")
-    if transfer_syntax not in _NATIVE_SYNTAXES:
+    if UID(transfer_syntax).is_encapsulated:
         return
     if pixel_length == _UNDEFINED_LENGTH:
         raise StoreRejected(CANNOT_UNDERSTAND_PIXEL_DATA,

@@ -170,7 +170,4 @@ class SqliteJobQueue:
 
     def counts(self) -> dict[str, int]:
         """Jobs per state."""
-        rows = self.db.query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
-        counts = {state: 0 for state in JOB_STATES}
-        counts.update({r["state"]: r["n"] for r in rows})
-        return counts
+        return self.db.count_by_state("jobs", JOB_STATES)

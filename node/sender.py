@@ -131,10 +131,7 @@ class SqliteOutboundQueue:
 
     def counts(self) -> dict[str, int]:
         """Outbound rows per state."""
-        rows = self.db.query("SELECT state, COUNT(*) AS n FROM outbound GROUP BY state")
-        counts = {state: 0 for state in OUTBOUND_STATES}
-        counts.update({r["state"]: r["n"] for r in rows})
-        return counts
+        return self.db.count_by_state("outbound", OUTBOUND_STATES)
 
 
 def _contexts_for(files: list[str]) -> list[tuple[str, list[str]]]:
@@ -265,7 +262,3 @@ class Sender:
         self.metrics.results_sent.labels(destination=item.destination).inc(len(item.files))
         LOGGER.info("sent %d results of study %s (job %d) to %s in %.2f s", len(item.files),
                     item.study_uid, item.job_id, item.destination, time.monotonic() - started)
-
-    def info(self) -> dict[str, Any]:
-        """Queue depths for status output."""
-        return self.queue.counts()

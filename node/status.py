@@ -24,12 +24,8 @@ def collect(spool_dir: Path, limit: int = 50) -> dict[str, Any]:
     """Queue depths, recent series and outbound state as a JSON-serialisable dict."""
     db = StateDB(spool_dir, create=False)
     try:
-        jobs = {s: 0 for s in JOB_STATES}
-        jobs.update({r["state"]: r["n"] for r in db.query(
-            "SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")})
-        outbound = {s: 0 for s in OUTBOUND_STATES}
-        outbound.update({r["state"]: r["n"] for r in db.query(
-            "SELECT state, COUNT(*) AS n FROM outbound GROUP BY state")})
+        jobs = db.count_by_state("jobs", JOB_STATES)
+        outbound = db.count_by_state("outbound", OUTBOUND_STATES)
         series = [{
             "series_uid": r["series_uid"], "study_uid": r["study_uid"],
             "calling_ae": r["calling_ae"], "instances": r["instance_count"], "state": r["state"],
