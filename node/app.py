@@ -1,7 +1,7 @@
 """The node's lifecycle: start everything, resume unfinished work, stop cleanly.
 
 Start order: state database, recovery (spool, jobs, outbound), scheduler and
-assembler, worker process, sender, HTTP endpoint, and the DICOM listener last,
+assembler, worker process, sender, notifier, HTTP endpoint, and the DICOM listener last,
 so that nothing is accepted before it can be kept. Stop order is the reverse:
 stop accepting first, then let the worker finish or re-queue its job.
 """
@@ -25,6 +25,8 @@ from node.db import StateDB
 from node.http import HttpEndpoint
 from node.jobs import SqliteJobQueue
 from node.metrics import NodeMetrics
+from node.notifier import Notifier
+from node.notify import SqliteNotificationQueue
 from node.retention import sweep
 from node.scp import start_server
 from node.sender import Sender, SqliteOutboundQueue
@@ -54,6 +56,7 @@ class Node:
         self.scheduler: BackgroundScheduler | None = None
         self.worker: WorkerProcess | None = None
         self.sender: Sender | None = None
+        self.notifier: Notifier | None = None
 
     def start(self) -> None:
         """Start every part; return once the DICOM port listens. Refuses to start (a
@@ -89,6 +92,8 @@ class Node:
         recovered = self.spool.recover()
         requeued, failed = self.jobs.requeue_interrupted()
         resent = self.outbound.requeue_interrupted()
+        self.notifications = SqliteNotificationQueue.from_config(db, cfg)
+        renotify = self.notifications.requeue_interrupted()
 
         self.scheduler = BackgroundScheduler(executors={"default": ThreadPoolExecutor(4)},
                                              job_defaults={"misfire_grace_time": None})
@@ -103,6 +108,8 @@ class Node:
         self.worker.start()
         self.sender = Sender(cfg, self.outbound, self.metrics)
         self.sender.start()
+        self.notifier = Notifier(cfg, self.notifications, self.metrics)
+        self.notifier.start()
         if cfg.http.port:
             self._http = HttpEndpoint(cfg.http.host, cfg.http.port, self.metrics, self.healthy)
             self._http.start()
@@ -110,12 +117,13 @@ class Node:
         LOGGER.info(
             "ich-node %s listening as %s on %s:%d; spool %s; %d destinations; analyzer %s; "
             "model %s; recovered %d files, re-queued %d jobs (%d failed), %d outbound, "
-            "resumed %d series", __version__, cfg.dicom.ae_title, cfg.dicom.host, self.port,
+            "resumed %d series, %d notifications", __version__, cfg.dicom.ae_title,
+            cfg.dicom.host, self.port,
             cfg.spool.path, len(cfg.destinations), self.analyzer,
             f"{model.name} {model.version} sha256 {model.sha256[:16]}"
             + (" (DEMO weights, not for clinical use)" if model.demo else "") if model
             else "none (test analyzer)",
-            recovered, requeued, failed, resent, resumed)
+            recovered, requeued, failed, resent, resumed, renotify)
 
     @property
     def port(self) -> int:
@@ -161,6 +169,8 @@ class Node:
             self.worker.stop()
         if self.sender is not None:
             self.sender.stop()
+        if self.notifier is not None:
+            self.notifier.stop()
         if self._http is not None:
             self._http.stop()
         for db in (self.db, self._spool_db):

@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print JSON")
     status.add_argument("--limit", type=int, default=50, help="series to list (default 50)")
 
-    resend = verbs.add_parser("resend", help="send a study's results again")
+    resend = verbs.add_parser("resend", help="send a study's results again (and its dead "
+                              "notifications)")
     _common(resend)
     resend.add_argument("study_uid", metavar="STUDY_UID")
 
@@ -168,6 +169,7 @@ def cmd_status(config: NodeConfig, as_json: bool, limit: int) -> int:
 def cmd_resend(config: NodeConfig, study_uid: str) -> int:
     """``ich-node resend STUDY_UID``."""
     from node.db import StateDB
+    from node.notify import SqliteNotificationQueue
     from node.sender import SqliteOutboundQueue
 
     db = StateDB(config.spool.path, create=False)
@@ -175,13 +177,16 @@ def cmd_resend(config: NodeConfig, study_uid: str) -> int:
         queue = SqliteOutboundQueue(db, config.outbound.max_attempts,
                                     config.outbound.backoff_initial_s, config.outbound.backoff_max_s)
         count = queue.resend_study(study_uid)
+        notes = SqliteNotificationQueue.from_config(db, config).resend_dead(study_uid)
     finally:
         db.close()
-    if count == 0:
+    if count == 0 and notes == 0:
         print(f"resend: no results for study {study_uid} (not analysed yet, or unknown)",
               file=sys.stderr)
         return 1
     print(f"resend: {count} result sets of study {study_uid} queued again")
+    if notes:
+        print(f"resend: {notes} dead notifications of study {study_uid} queued again")
     return 0
 
 

@@ -24,6 +24,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 
@@ -169,6 +170,73 @@ class LoggingConfig(_Strict):
         "text", description="text, or json (one JSON object per line)")
 
 
+_HHMM = r"([01]\d|2[0-3]):[0-5]\d"
+_TARGET_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+_HL7_TEXT = r"^[^|~\\&\r\n]*$"  # no HL7 field, repetition, escape or subcomponent separator
+
+
+class NotifyWhen(_Strict):
+    """Which finished studies cause notifications."""
+
+    findings: Literal["positive", "all"] = Field(
+        "positive", description="positive: only studies with suspected hemorrhage; all: every analysed study")
+    hours: str | None = Field(
+        None, pattern=rf"^{_HHMM}-{_HHMM}$", description='Only studies finished in this local-time window, "HH:MM-HH:MM" (may span midnight, e.g. "22:00-07:00"); null = any time')
+
+    @field_validator("hours")
+    @classmethod
+    def _not_empty(cls, value: str | None) -> str | None:
+        if value is not None and value[:5] == value[6:]:
+            raise ValueError(f"{value!r} starts and ends at the same time; use null for any time")
+        return value
+
+
+class WebhookTarget(_Strict):
+    """An HTTP endpoint that receives a JSON POST per notification."""
+
+    name: str = Field(pattern=_TARGET_NAME, description="Name used in logs, metrics and status")
+    url: str = Field(pattern=r"^https?://\S+$", description="http:// or https:// URL")
+    headers: dict[str, str] = Field(
+        default_factory=dict, description="Extra HTTP headers, e.g. {Authorization: 'Bearer ${ICH_WEBHOOK_TOKEN}'}; ${VAR} is read from the environment when sending")
+    timeout_s: float = Field(10.0, gt=0, description="Connect and response timeout, seconds")
+    include_patient: bool = Field(
+        False, description="Also send patient ID and name (PHI); study UID and accession number are always sent")
+
+
+class Hl7Target(_Strict):
+    """A RIS or worklist that receives HL7 v2.5 ORU^R01 over MLLP."""
+
+    name: str = Field(pattern=_TARGET_NAME, description="Name used in logs, metrics and status")
+    host: str
+    port: int = Field(ge=1, le=65535)
+    sending_application: str = Field("ICH_NODE", pattern=_HL7_TEXT, description="MSH-3 (HD; ^ separates components)")
+    sending_facility: str = Field("", pattern=_HL7_TEXT, description="MSH-4")
+    receiving_application: str = Field("", pattern=_HL7_TEXT, description="MSH-5")
+    receiving_facility: str = Field("", pattern=_HL7_TEXT, description="MSH-6")
+    processing_id: Literal["P", "T", "D"] = Field("P", description="MSH-11: P production, T training, D debugging")
+    timeout_s: float = Field(10.0, gt=0, description="Connect timeout, and how long to wait for the ACK, seconds")
+
+
+class NotificationsConfig(_Strict):
+    """Alerts for finished studies (webhook, HL7 ORU^R01), retried like the outbound queue."""
+
+    when: NotifyWhen = Field(default_factory=NotifyWhen, description="Which studies notify")
+    webhooks: list[WebhookTarget] = Field(default_factory=list, description="HTTP POST targets; none by default")
+    hl7: list[Hl7Target] = Field(default_factory=list, description="HL7 v2 MLLP targets; none by default")
+    max_attempts: int = Field(8, ge=1, description="Delivery attempts per notification before the dead letter")
+    backoff_initial_s: float = Field(5.0, gt=0, description="First retry delay, doubled each attempt, seconds")
+    backoff_max_s: float = Field(600.0, gt=0, description="Longest retry delay, seconds")
+
+    @field_validator("hl7")
+    @classmethod
+    def _unique_names(cls, value: list[Hl7Target], info: ValidationInfo) -> list[Hl7Target]:
+        names = [t.name for t in info.data.get("webhooks", [])] + [t.name for t in value]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise ValueError(f"notification target names must be unique, repeated: {sorted(dupes)}")
+        return value
+
+
 class NodeConfig(_Strict):
     """The whole configuration of one node."""
 
@@ -184,6 +252,8 @@ class NodeConfig(_Strict):
                                        description="Deletion of processed data")
     worker: WorkerConfig = Field(default_factory=WorkerConfig,
                                  description="The analysis worker process")
+    notifications: NotificationsConfig = Field(
+        default_factory=NotificationsConfig, description="Alerts for positive studies")
     http: HttpConfig = Field(default_factory=HttpConfig, description="Metrics and health")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Log output")
     pipeline: PipelineConfig = Field(

@@ -29,6 +29,24 @@ _EXAMPLES = {
         "#    host: 127.0.0.1",
         "#    port: 4242",
     ],
+    "webhooks": [
+        "#  - name: teams-er            # name used in logs, metrics and status",
+        "#    url: https://hooks.example.org/ich",
+        "#    headers: {Authorization: 'Bearer ${ICH_WEBHOOK_TOKEN}'}  # ${VAR}: environment",
+        "#    timeout_s: 10.0",
+        "#    include_patient: false    # true adds patient ID and name (PHI) to the JSON",
+    ],
+    "hl7": [
+        "#  - name: ris                 # name used in logs, metrics and status",
+        "#    host: ris.example.org",
+        "#    port: 2575",
+        "#    sending_application: ICH_NODE",
+        "#    sending_facility: RADIOLOGY",
+        "#    receiving_application: RIS",
+        "#    receiving_facility: HOSPITAL",
+        "#    processing_id: P",
+        "#    timeout_s: 10.0",
+    ],
 }
 
 

@@ -25,7 +25,7 @@ from typing import Any
 LOGGER = logging.getLogger(__name__)
 
 DB_NAME = "state.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: notifications
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -97,6 +97,26 @@ CREATE TABLE IF NOT EXISTS outbound (
 );
 CREATE INDEX IF NOT EXISTS outbound_state ON outbound (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS outbound_study ON outbound (study_uid);
+
+-- queued -> sending -> sent | (queued again with backoff) | dead (node.notify);
+-- context: the DICOM header fields the messages need (PHI), NULL once scrubbed
+CREATE TABLE IF NOT EXISTS notifications (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    uid TEXT NOT NULL UNIQUE,
+    job_id INTEGER NOT NULL,
+    study_uid TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    target TEXT NOT NULL,
+    context TEXT,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    created_at REAL NOT NULL,
+    sent_at REAL,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS notifications_state ON notifications (state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS notifications_study ON notifications (study_uid);
 """
 
 
@@ -123,12 +143,30 @@ class StateDB:
             raise ValueError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
         self._conn.execute(f"PRAGMA synchronous={synchronous}")
         self._conn.execute("PRAGMA busy_timeout=30000")
-        if create:
-            self._conn.executescript(_SCHEMA)
-            self._conn.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
-                (str(SCHEMA_VERSION),),
-            )
+        self._migrate()  # also with create=False: an older file gets the new tables
+
+    def _migrate(self) -> None:
+        """Create missing tables (every schema change so far only adds tables and indexes, so
+        ``CREATE ... IF NOT EXISTS`` is the migration) and record the schema version; refuse
+        a database written by a newer node."""
+        has_meta = self._conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table'"
+                                      " AND name = 'meta'").fetchone()
+        row = self._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'"
+                                 ).fetchone() if has_meta else None
+        found = int(row["value"]) if row else 0
+        if found > SCHEMA_VERSION:
+            self._conn.close()
+            raise RuntimeError(f"{self.path} has schema version {found}, newer than this "
+                               f"node's {SCHEMA_VERSION}: upgrade ich-node")
+        self._conn.executescript(_SCHEMA)
+        with self.transaction() as cur:
+            cur.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)"
+                        " ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+                        " WHERE CAST(value AS INTEGER) < CAST(excluded.value AS INTEGER)",
+                        (str(SCHEMA_VERSION),))
+        if row is not None and found < SCHEMA_VERSION:
+            LOGGER.info("state database %s migrated from schema %d to %d", self.path, found,
+                        SCHEMA_VERSION)
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Cursor]:
@@ -149,8 +187,8 @@ class StateDB:
             return self._conn.execute(sql, params).fetchall()
 
     def count_by_state(self, table: str, states: tuple[str, ...]) -> dict[str, int]:
-        """Rows of *table* (series, jobs or outbound) per state, every state listed."""
-        if table not in ("series", "jobs", "outbound"):
+        """Rows of *table* (series, jobs, outbound or notifications) per state, every state listed."""
+        if table not in ("series", "jobs", "outbound", "notifications"):
             raise ValueError(f"no state column in table {table!r}")
         counts = dict.fromkeys(states, 0)
         counts.update({r["state"]: r["n"] for r in self.query(

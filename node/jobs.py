@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -51,8 +53,10 @@ class JobQueue(Protocol):
         ...
 
     def finish(self, job_id: int, findings: dict[str, Any],
-               outbound: list[tuple[str, list[str]]]) -> None:
-        """Mark *job_id* done and queue its results: one (destination, files) per entry."""
+               outbound: list[tuple[str, list[str]]],
+               also: Callable[[sqlite3.Cursor], None] | None = None) -> None:
+        """Mark *job_id* done and queue its results: one (destination, files) per entry;
+        *also* writes more rows (notifications) in the same transaction."""
         ...
 
     def fail(self, job_id: int, reason: str) -> None:
@@ -105,8 +109,11 @@ class SqliteJobQueue:
                    last_received_at=row["last_received_at"])
 
     def finish(self, job_id: int, findings: dict[str, Any],
-               outbound: list[tuple[str, list[str]]]) -> None:
-        """Mark *job_id* done and queue its results, in one transaction."""
+               outbound: list[tuple[str, list[str]]],
+               also: Callable[[sqlite3.Cursor], None] | None = None) -> None:
+        """Mark *job_id* done and queue its results, in one transaction; *also* (e.g.
+        :func:`node.notify.plan`'s rows) writes in that same transaction, so a crash keeps
+        all of it or none."""
         t = now()
         with self.db.transaction() as cur:
             row = cur.execute("SELECT study_uid, series_uid FROM jobs WHERE id = ?",
@@ -122,6 +129,8 @@ class SqliteJobQueue:
                     " next_attempt_at, created_at) VALUES (?,?,?,?, 'queued', ?, ?)",
                     (job_id, row["study_uid"], destination, json.dumps(files), t, t),
                 )
+            if also is not None:
+                also(cur)
 
     def fail(self, job_id: int, reason: str) -> None:
         """Mark *job_id* failed with its *reason* (the series too)."""

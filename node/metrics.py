@@ -31,7 +31,8 @@ class StateCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         for table, help_text in (("series", "Series by state"), ("jobs", "Jobs by state"),
-                                 ("outbound", "Outbound result sets by state")):
+                                 ("outbound", "Outbound result sets by state"),
+                                 ("notifications", "Notifications by state")):
             family = GaugeMetricFamily(f"{PREFIX}_{table}", help_text, labels=["state"])
             for row in self.db.query(f"SELECT state, COUNT(*) AS n FROM {table} GROUP BY state"):
                 family.add_metric([row["state"]], row["n"])
@@ -76,6 +77,12 @@ class NodeMetrics:
         self.outbound_failures = Counter(
             f"{PREFIX}_outbound_failures", "Failed delivery attempts, by destination",
             ["destination"], registry=r)
+        self.notifications_sent = Counter(
+            f"{PREFIX}_notifications_sent", "Notifications delivered, by target and kind "
+            "(webhook, hl7)", ["target", "kind"], registry=r)
+        self.notification_failures = Counter(
+            f"{PREFIX}_notification_failures", "Failed notification attempts, by target and "
+            "kind", ["target", "kind"], registry=r)
         self.store_seconds = Histogram(
             f"{PREFIX}_store_seconds", "Time to make one received instance durable",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0), registry=r)

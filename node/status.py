@@ -12,6 +12,7 @@ from typing import Any
 
 from node.db import StateDB
 from node.jobs import JOB_STATES
+from node.notify import NOTIFICATION_STATES
 from node.sender import OUTBOUND_STATES
 
 
@@ -43,10 +44,24 @@ def collect(spool_dir: Path, limit: int = 50) -> dict[str, Any]:
         dead = [{"study_uid": r["study_uid"], "destination": r["destination"],
                  "attempts": r["attempts"], "last_error": r["last_error"]}
                 for r in db.query("SELECT * FROM outbound WHERE state = 'dead' ORDER BY id")]
+        notifications = db.count_by_state("notifications", NOTIFICATION_STATES)
+        notify_targets = [{
+            "kind": r["kind"], "target": r["target"], "state": r["state"], "count": r["n"],
+            "last_error": r["last_error"],
+        } for r in db.query("SELECT kind, target, state, COUNT(*) AS n, MAX(last_error)"
+                            " AS last_error FROM notifications GROUP BY kind, target, state"
+                            " ORDER BY kind, target, state")]
+        dead_notifications = [{
+            "study_uid": r["study_uid"], "kind": r["kind"], "target": r["target"],
+            "notification_id": r["uid"], "attempts": r["attempts"],
+            "last_error": r["last_error"],
+        } for r in db.query("SELECT * FROM notifications WHERE state = 'dead' ORDER BY id")]
     finally:
         db.close()
     return {"spool": str(spool_dir), "jobs": jobs, "outbound": outbound,
-            "destinations": destinations, "dead_letters": dead, "series": series}
+            "destinations": destinations, "dead_letters": dead,
+            "notifications": notifications, "notification_targets": notify_targets,
+            "dead_notifications": dead_notifications, "series": series}
 
 
 def render_text(status: dict[str, Any]) -> str:
@@ -57,6 +72,10 @@ def render_text(status: dict[str, Any]) -> str:
     for d in status["destinations"]:
         err = f"  last error: {d['last_error']}" if d["last_error"] else ""
         lines.append(f"  -> {d['destination']}: {d['state']} {d['count']}{err}")
+    lines.append("notify:   " + "  ".join(f"{k}={v}" for k, v in status["notifications"].items()))
+    for t in status["notification_targets"]:
+        err = f"  last error: {t['last_error']}" if t["last_error"] else ""
+        lines.append(f"  -> {t['kind']} {t['target']}: {t['state']} {t['count']}{err}")
     lines.append("")
     lines.append(f"{'series':<44} {'from':<16} {'inst':>5} {'state':<10} {'last received':<25} "
                  f"{'job':>5}  error")

@@ -30,6 +30,7 @@ from node.config import NodeConfig
 from node.db import StateDB
 from node.jobs import Job, SqliteJobQueue
 from node.logs import setup_logging
+from node.notify import plan as plan_notifications
 from node.spool import safe_name, write_durably
 
 LOGGER = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ def run_job(job: Job, analyzer: Analyzer, config: NodeConfig, queue: SqliteJobQu
     report.update(state="done", findings=findings, files=files, seconds=round(seconds, 3))
     _write_report(spool_dir, job.id, report, config.spool.fsync)
     outbound = [(dest.name, files) for dest in config.destinations] if files else []
-    queue.finish(job.id, findings, outbound)
+    queue.finish(job.id, findings, outbound, plan_notifications(config, job, findings))
     LOGGER.info("job %d done in %.2f s: series %s, %d result objects for %d destinations",
                 job.id, seconds, job.series_uid, len(files), len(outbound))
     return True

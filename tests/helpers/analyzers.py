@@ -63,3 +63,23 @@ def failing(series_dir: Path, config: Any) -> Results:
     from pipeline.errors import SeriesRejected
 
     raise SeriesRejected("test analyzer: this series breaks a selection rule")
+
+
+def bleed_if_named(series_dir: Path, config: Any) -> Results:
+    """Like :func:`summary`, with findings in the public shape (:meth:`Findings.to_json`):
+    positive (a subdural bleed, demo weights) when the patient's family name starts with
+    BLEED, negative otherwise."""
+    from pipeline.findings import Findings, LabelFinding, Lesion, ModelIdentity
+
+    base = summary(series_dir, config)
+    src = dcmread(sorted(Path(series_dir).glob("*.dcm"))[0], stop_before_pixels=True)
+    positive = str(src.PatientName).upper().startswith("BLEED")
+    probabilities = {"any": 0.93, "epidural": 0.02, "intraparenchymal": 0.04,
+                     "intraventricular": 0.01, "subarachnoid": 0.05, "subdural": 0.91}
+    labels = {name: LabelFinding(p if positive else p / 10, positive and p > 0.5, 0.5)
+              for name, p in probabilities.items()}
+    lesions = [Lesion("subdural", 5, 12.5, (10.0, -20.0, 30.0), (8.0, 40.0, 25.0), (3, 7), 5,
+                      12500)] if positive else []
+    findings = Findings(labels, np.zeros((1, 6), np.float32), np.zeros((1, 1, 1), np.uint8),
+                        lesions, ModelIdentity("ich-test", "0.0", "ab" * 32, demo=True))
+    return Results(base.datasets, {**findings.to_json(), **base.findings})
