@@ -194,7 +194,8 @@ class NodeConfig(_Strict):
                                        description="Deletion of processed data")
     worker: WorkerConfig = Field(default_factory=WorkerConfig,
                                  description="The analysis worker process")
-    http: HttpConfig = Field(default_factory=HttpConfig, description="Metrics and health")
+    http: HttpConfig = Field(default_factory=HttpConfig,
+                             description="Status page, metrics and health")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Log output")
     audit: AuditConfig = Field(default_factory=AuditConfig, description="Audit log")
     pipeline: PipelineConfig = Field(
