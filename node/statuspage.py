@@ -80,7 +80,8 @@ td.nw{white-space:nowrap}
 .prio{background:#7a2e0e;color:#fff}
 .err{color:#a4190f;font-size:12px;max-width:260px;overflow-wrap:anywhere}
 img.thumb{height:128px;border-radius:3px;background:#000;display:block;image-rendering:auto}
-img.full{max-width:100%;border:1px solid #dde3ea;margin:6px 0}
+img.full{max-width:100%;border:1px solid #dde3ea;margin:6px 8px 6px 0;vertical-align:top}
+table.fit{width:auto;min-width:560px}
 a{color:#0b4fae;text-decoration:none}a:hover{text-decoration:underline}
 .empty{padding:16px;color:#6b7b8c;background:#fff;border:1px solid #dde3ea}
 dl{display:grid;grid-template-columns:max-content 1fr;gap:4px 16px;background:#fff;
@@ -403,7 +404,7 @@ class StatusPage:
         outbound = self.db.query("SELECT * FROM outbound WHERE job_id = ? ORDER BY id",
                                  (job_id,))
         if outbound:
-            parts.append("<h2>Delivery</h2><table><tr><th>Destination</th><th>State</th>"
+            parts.append("<h2>Delivery</h2><table class=\"fit\"><tr><th>Destination</th><th>State</th>"
                          "<th>Attempts</th><th>Sent</th><th>Last error</th></tr>" + "".join(
                              f"<tr><td>{_e(o['destination'])}</td>"
                              f"<td>{_badge(o['state'], 's-' + o['state'])}</td>"
@@ -434,5 +435,5 @@ class StatusPage:
             volume = summary.volume_ml if name == "any" else summary.volumes_ml.get(name)
             rows.append(f"<tr><td>{_e(name)}</td><td class=\"num\">{prob}</td><td>{call}</td>"
                         f"<td class=\"num\">{'' if volume is None else f'{volume:.2f}'}</td></tr>")
-        return ("<h2>Findings</h2><table><tr><th>Label</th><th>Probability</th><th>Call</th>"
+        return ("<h2>Findings</h2><table class=\"fit\"><tr><th>Label</th><th>Probability</th><th>Call</th>"
                 "<th>Volume mL</th></tr>" + "".join(rows) + "</table>")
