@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from node.audit import error_kind
 from node.db import StateDB
 from node.monitoring import DestinationHealth
 
@@ -39,9 +40,13 @@ class StateCollector(Collector):
             yield family
         failed = GaugeMetricFamily(f"{PREFIX}_failed_jobs", "Failed jobs by error kind",
                                    labels=["kind"])
-        for row in self.db.query("SELECT substr(error, 1, instr(error || ':', ':') - 1) AS kind,"
-                                 " COUNT(*) AS n FROM jobs WHERE state = 'failed' GROUP BY kind"):
-            failed.add_metric([row["kind"] or "unknown"], row["n"])
+        kinds: dict[str, int] = {}
+        for row in self.db.query("SELECT error, COUNT(*) AS n FROM jobs WHERE state = 'failed'"
+                                 " GROUP BY error"):
+            kind = error_kind(row["error"]) or "unknown"
+            kinds[kind] = kinds.get(kind, 0) + row["n"]
+        for kind, n in sorted(kinds.items()):
+            failed.add_metric([kind], n)
         yield failed
         free = GaugeMetricFamily(f"{PREFIX}_spool_free_bytes", "Free space of the spool")
         free.add_metric([], shutil.disk_usage(self.spool_dir).free)

@@ -272,21 +272,21 @@ class Sender:
             log = LOGGER.error if state == "dead" else LOGGER.warning
             log("sending results of study %s (job %d) to %s failed (attempt %d, now %s): %s",
                 item.study_uid, item.job_id, item.destination, item.attempts + 1, state, error)
-            self._audit(item, "dead" if state == "dead" else "retry", seconds, False, kind)
+            self._record_attempt(item, "dead" if state == "dead" else "retry", seconds, kind)
             return
         self.queue.mark_sent(item.id)
         self.metrics.results_sent.labels(destination=item.destination).inc(len(item.files))
         self.metrics.destinations.succeeded(item.destination)
         LOGGER.info("sent %d results of study %s (job %d) to %s in %.2f s", len(item.files),
                     item.study_uid, item.job_id, item.destination, seconds)
-        self._audit(item, "sent", seconds, True, None)
+        self._record_attempt(item, "sent", seconds, None)
 
-    def _audit(self, item: OutboundItem, outcome: str, seconds: float, sent: bool,
-               kind: str | None) -> None:
-        """The latency metric (on success) and the audit line of one delivery attempt."""
+    def _record_attempt(self, item: OutboundItem, outcome: str, seconds: float,
+                        kind: str | None) -> None:
+        """The latency metric (when sent) and the audit line of one delivery attempt."""
         origin = job_origin(self.queue.db, item.job_id)
         latency = now() - origin.last_received_at if origin is not None else None
-        if sent and latency is not None:
+        if outcome == "sent" and latency is not None:
             self.metrics.result_latency.labels(destination=item.destination).observe(latency)
         if self.audit is None:
             return
