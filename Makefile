@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-DEBIAN_PACKAGES := orthanc dcmtk dicom3tools
+DEBIAN_PACKAGES := orthanc dcmtk dicom3tools chromium fonts-dejavu-core
 
 .PHONY: run test venv system-deps check bench clean
 
@@ -18,13 +18,15 @@ $(STAMP): setup.cfg pyproject.toml
 
 venv: $(STAMP)
 
-# Orthanc (the PACS), dcmtk (other nodes) and dicom3tools (dciodvfy) are test peers.
+# Orthanc (the PACS), dcmtk (other nodes) and dicom3tools (dciodvfy) are test peers;
+# chromium (headless) and a font screenshot the status page.
 system-deps:
 	@missing=""; \
-	for pair in Orthanc:orthanc storescu:dcmtk dciodvfy:dicom3tools; do \
+	for pair in Orthanc:orthanc storescu:dcmtk dciodvfy:dicom3tools chromium:chromium; do \
 	  bin=$${pair%%:*}; pkg=$${pair##*:}; \
 	  command -v $$bin >/dev/null 2>&1 || [ -x /usr/sbin/$$bin ] || missing="$$missing $$pkg"; \
 	done; \
+	[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || missing="$$missing fonts-dejavu-core"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    echo "installing Debian packages:$$missing"; \

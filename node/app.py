@@ -20,17 +20,20 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from node import __version__
 from node.assembler import SeriesAssembler
+from node.audit import AuditLog, audit_received
 from node.config import ConfigError, NodeConfig, check_runtime
 from node.db import StateDB
 from node.http import HttpEndpoint
 from node.jobs import SqliteJobQueue
 from node.metrics import NodeMetrics
+from node.monitoring import FinishedJobs
 from node.notifier import Notifier
 from node.notify import SqliteNotificationQueue
 from node.retention import sweep
 from node.scp import start_server
 from node.sender import Sender, SqliteOutboundQueue
 from node.spool import DiskSpool
+from node.statuspage import StatusPage
 from node.worker import REAL_ANALYZER, WorkerProcess
 from pipeline.analyze import check_models
 from pipeline.errors import PipelineError
@@ -89,6 +92,10 @@ class Node:
                                             cfg.outbound.backoff_initial_s,
                                             cfg.outbound.backoff_max_s)
         self.metrics.add_state(db, cfg.spool.path)
+        self.audit = AuditLog.from_config(cfg, on_error=lambda kind: self.metrics.audit_failures
+                                          .labels(kind=kind).inc())
+        self.metrics.before_scrape(FinishedJobs(db, self.metrics).poll)
+        self.metrics.destinations.load(db)
         recovered = self.spool.recover()
         requeued, failed = self.jobs.requeue_interrupted()
         resent = self.outbound.requeue_interrupted()
@@ -97,7 +104,9 @@ class Node:
 
         self.scheduler = BackgroundScheduler(executors={"default": ThreadPoolExecutor(4)},
                                              job_defaults={"misfire_grace_time": None})
-        self.assembler = SeriesAssembler(self.scheduler, self.jobs, cfg.assembly, self.metrics)
+        self.assembler = SeriesAssembler(self.scheduler, self.jobs, cfg.assembly, self.metrics,
+                                         on_job=lambda job_id: audit_received(self.audit, db,
+                                                                              job_id))
         self.scheduler.start()
         resumed = self.assembler.resume()
         self.scheduler.add_job(self._housekeeping, "interval", seconds=2.0, id="housekeeping")
@@ -106,14 +115,18 @@ class Node:
 
         self.worker = WorkerProcess(cfg, self.analyzer, self.jobs)
         self.worker.start()
-        self.sender = Sender(cfg, self.outbound, self.metrics)
+        self.sender = Sender(cfg, self.outbound, self.metrics, audit=self.audit)
         self.sender.start()
-        self.notifier = Notifier(cfg, self.notifications, self.metrics)
+        self.notifier = Notifier(cfg, self.notifications, self.metrics, audit=self.audit)
         self.notifier.start()
         if cfg.http.port:
-            self._http = HttpEndpoint(cfg.http.host, cfg.http.port, self.metrics, self.healthy)
+            self.status_page = StatusPage(cfg, db, self.metrics.destinations)
+            self._http = HttpEndpoint(cfg.http.host, cfg.http.port, self.metrics, self.healthy,
+                                      self.status_page.route)
             self._http.start()
         self.ae, self._server = start_server(cfg, self.spool, self.assembler, self.metrics)
+        if self._http is not None:
+            self.status_page.dicom_port = self.port
         LOGGER.info(
             "ich-node %s listening as %s on %s:%d; spool %s; %d destinations; analyzer %s; "
             "model %s; recovered %d files, re-queued %d jobs (%d failed), %d outbound, "
@@ -146,7 +159,9 @@ class Node:
 
     def _housekeeping(self) -> None:
         if self.worker is not None:
+            before = self.worker.restarts
             self.worker.ensure_running()
+            self.metrics.worker_restarts.inc(self.worker.restarts - before)
 
     def _retention(self) -> None:
         assert self.db is not None

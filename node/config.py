@@ -155,10 +155,20 @@ class WorkerConfig(_Strict):
 
 
 class HttpConfig(_Strict):
-    """The HTTP endpoint for /metrics and /healthz."""
+    """The HTTP endpoint: status page (/), /metrics and /healthz."""
 
-    host: str = Field("127.0.0.1", description="Address of /metrics and /healthz; keep it local unless firewalled")
-    port: int = Field(9110, ge=0, le=65535, description="Port of /metrics and /healthz; 0 = disabled")
+    host: str = Field("127.0.0.1", description="Address of the status page, /metrics and /healthz; keep it local unless firewalled")
+    port: int = Field(9110, ge=0, le=65535, description="Port of the status page, /metrics and /healthz; 0 = disabled")
+    page_refresh_s: int = Field(15, ge=0, description="The status page reloads itself this often, seconds; 0 = never")
+    page_series: int = Field(50, ge=1, le=1000, description="Most recent series listed on the status page")
+
+
+class AuditConfig(_Strict):
+    """The audit log (JSON lines: received, selected, analysed, sent, notified; no PHI)."""
+
+    path: Path | None = Field(None, description="Audit log file; null = <spool.path>/audit.jsonl")
+    max_mb: int = Field(64, ge=1, description="Rotate the audit log at this size, MB")
+    keep: int = Field(10, ge=1, description="Rotated audit files kept (audit.jsonl.1 .. .N)")
 
 
 class LoggingConfig(_Strict):
@@ -254,8 +264,10 @@ class NodeConfig(_Strict):
                                  description="The analysis worker process")
     notifications: NotificationsConfig = Field(
         default_factory=NotificationsConfig, description="Alerts for positive studies")
-    http: HttpConfig = Field(default_factory=HttpConfig, description="Metrics and health")
+    http: HttpConfig = Field(default_factory=HttpConfig,
+                             description="Status page, metrics and health")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Log output")
+    audit: AuditConfig = Field(default_factory=AuditConfig, description="Audit log")
     pipeline: PipelineConfig = Field(
         default_factory=PipelineConfig,
         description="Series selection, volume, windows, models and result objects")

@@ -9,14 +9,16 @@ process's work and survive restarts.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from node.audit import error_kind
 from node.db import StateDB
+from node.monitoring import DestinationHealth
 
 PREFIX = "ich_node"
 
@@ -39,9 +41,13 @@ class StateCollector(Collector):
             yield family
         failed = GaugeMetricFamily(f"{PREFIX}_failed_jobs", "Failed jobs by error kind",
                                    labels=["kind"])
-        for row in self.db.query("SELECT substr(error, 1, instr(error || ':', ':') - 1) AS kind,"
-                                 " COUNT(*) AS n FROM jobs WHERE state = 'failed' GROUP BY kind"):
-            failed.add_metric([row["kind"] or "unknown"], row["n"])
+        kinds: dict[str, int] = {}
+        for row in self.db.query("SELECT error, COUNT(*) AS n FROM jobs WHERE state = 'failed'"
+                                 " GROUP BY error"):
+            kind = error_kind(row["error"]) or "unknown"
+            kinds[kind] = kinds.get(kind, 0) + row["n"]
+        for kind, n in sorted(kinds.items()):
+            failed.add_metric([kind], n)
         yield failed
         free = GaugeMetricFamily(f"{PREFIX}_spool_free_bytes", "Free space of the spool")
         free.add_metric([], shutil.disk_usage(self.spool_dir).free)
@@ -86,11 +92,58 @@ class NodeMetrics:
         self.store_seconds = Histogram(
             f"{PREFIX}_store_seconds", "Time to make one received instance durable",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0), registry=r)
+        # Observability (issue 7): latency, analysis time, errors by kind; see README.
+        self.result_latency = Histogram(
+            f"{PREFIX}_result_latency_seconds", "From the last received instance of a series "
+            "to its results sent, by destination", ["destination"],
+            buckets=(5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1800, 3600), registry=r)
+        self.job_seconds = Histogram(
+            f"{PREFIX}_job_seconds", "Worker time per job (analysis and writing results), by "
+            "outcome", ["outcome"],
+            buckets=(0.5, 1, 2, 5, 10, 15, 20, 30, 60, 120, 300, 600), registry=r)
+        self.inference_seconds = Histogram(
+            f"{PREFIX}_inference_seconds", "Pipeline stage time per job (volume, preprocess, "
+            "classifier, segmenter, lesions, total), by stage", ["stage"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 60, 120), registry=r)
+        self.job_failures = Counter(
+            f"{PREFIX}_job_failures", "Jobs that failed, by error kind", ["kind"], registry=r)
+        self.outbound_errors = Counter(
+            f"{PREFIX}_outbound_errors", "Failed delivery attempts, by destination and kind "
+            "(association, timeout, status, files_missing, unknown_destination, unexpected)",
+            ["destination", "kind"], registry=r)
+        self.audit_failures = Counter(
+            f"{PREFIX}_audit_write_failures", "Audit lines that could not be written (node "
+            "process), by error", ["kind"], registry=r)
+        self.http_requests = Counter(
+            f"{PREFIX}_http_requests", "Requests to the HTTP endpoint, by page and status code",
+            ["page", "code"], registry=r)
+        self.worker_restarts = Counter(
+            f"{PREFIX}_worker_restarts", "Worker processes restarted after they died",
+            registry=r)
+        self.destinations = DestinationHealth()
+        r.register(self.destinations)
+        self._before_scrape: list[Callable[[], object]] = []
 
     def add_state(self, db: StateDB, spool_dir: Path) -> None:
         """Also export the gauges read from the state database."""
         self.registry.register(StateCollector(db, spool_dir))
 
+    def observe_job(self, outcome: str, seconds: float | None, kind: str | None,
+                    stages: dict[str, float]) -> None:
+        """A job the worker finished (see :class:`node.monitoring.FinishedJobs`)."""
+        if seconds is not None:
+            self.job_seconds.labels(outcome=outcome).observe(seconds)
+        for stage, value in stages.items():
+            self.inference_seconds.labels(stage=stage).observe(value)
+        if outcome == "failed":
+            self.job_failures.labels(kind=kind or "unknown").inc()
+
+    def before_scrape(self, hook: Callable[[], object]) -> None:
+        """Call *hook* before each render (e.g. to observe jobs finished by the worker)."""
+        self._before_scrape.append(hook)
+
     def render(self) -> bytes:
         """The text exposition format."""
+        for hook in self._before_scrape:
+            hook()
         return generate_latest(self.registry)

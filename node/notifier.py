@@ -12,6 +12,7 @@ import threading
 import time
 
 from node import oru, webhook
+from node.audit import AuditLog
 from node.config import NodeConfig
 from node.metrics import NodeMetrics
 from node.notify import NodeIdentity, Notification, NotifyError, SqliteNotificationQueue
@@ -43,8 +44,10 @@ class Notifier:
     """Delivers due notifications one at a time; also scrubs patient fields past retention."""
 
     def __init__(self, config: NodeConfig, queue: SqliteNotificationQueue,
-                 metrics: NodeMetrics, poll_interval_s: float = 0.5) -> None:
+                 metrics: NodeMetrics, poll_interval_s: float = 0.5,
+                 audit: AuditLog | None = None) -> None:
         self.config = config
+        self.audit = audit
         self.queue = queue
         self.metrics = metrics
         self.node = NodeIdentity.of(config)
@@ -114,9 +117,20 @@ class Notifier:
             log("%s notification %s of study %s (job %d) to %s failed (attempt %d, now %s): %s",
                 note.kind, note.uid, note.study_uid, note.job_id, note.target,
                 note.attempts + 1, state, error)
+            self._audit(note, "retry" if state == "queued" else state, started)
             return
         self.queue.mark_sent(note.id)
+        self._audit(note, "sent", started)
         self.metrics.notifications_sent.labels(**labels).inc()
         LOGGER.info("%s notification %s of study %s (job %d, priority %d) to %s: %s in %.2f s",
                     note.kind, note.uid, note.study_uid, note.job_id, note.priority,
                     note.target, outcome, time.monotonic() - started)
+
+    def _audit(self, note: Notification, outcome: str, started: float) -> None:
+        """The ``notified`` audit line of one delivery attempt (no patient data)."""
+        if self.audit is None:
+            return
+        self.audit.record("notified", job_id=note.job_id, study_uid=note.study_uid,
+                          series_uid=note.series_uid, channel=note.kind, target=note.target,
+                          attempt=note.attempts + 1, outcome=outcome,
+                          seconds=round(time.monotonic() - started, 3))

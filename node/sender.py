@@ -26,9 +26,11 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from node.audit import AuditLog
 from node.config import Destination, NodeConfig
 from node.db import StateDB, now
 from node.metrics import NodeMetrics
+from node.monitoring import job_origin
 
 LOGGER = logging.getLogger(__name__)
 
@@ -36,7 +38,13 @@ OUTBOUND_STATES = ("queued", "sending", "sent", "dead")
 
 
 class SendError(Exception):
-    """A destination did not take our results; the message says which and why."""
+    """A destination did not take our results; the message says which and why, ``kind``
+    names the failure for metrics and the audit log (association, timeout, status,
+    files_missing)."""
+
+    def __init__(self, message: str, kind: str = "send") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -163,7 +171,7 @@ def _association(config: NodeConfig, dest: Destination,
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=handlers)
     if not assoc.is_established:
         raise SendError(f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): association "
-                        f"{'rejected' if assoc.is_rejected else 'failed'}")
+                        f"{'rejected' if assoc.is_rejected else 'failed'}", "association")
     try:
         yield assoc
     finally:
@@ -179,10 +187,10 @@ def send_files(config: NodeConfig, dest: Destination, files: list[str]) -> None:
             code = getattr(status, "Status", None)
             if code is None:
                 raise SendError(f"{dest.name}: no response to C-STORE of {Path(path).name} "
-                                "(timeout or aborted)")
+                                "(timeout or aborted)", "timeout")
             if code != 0x0000 and not 0xB000 <= code <= 0xBFFF:
                 raise SendError(f"{dest.name}: C-STORE of {Path(path).name} failed with status "
-                                f"0x{code:04X}")
+                                f"0x{code:04X}", "status")
 
 
 def echo(config: NodeConfig, dest: Destination) -> int:
@@ -190,7 +198,7 @@ def echo(config: NodeConfig, dest: Destination) -> int:
     with _association(config, dest, [(str(Verification), [ImplicitVRLittleEndian])]) as assoc:
         code = getattr(assoc.send_c_echo(), "Status", None)
         if code is None:
-            raise SendError(f"{dest.name}: no response to C-ECHO")
+            raise SendError(f"{dest.name}: no response to C-ECHO", "timeout")
         return int(code)
 
 
@@ -198,10 +206,12 @@ class Sender:
     """A thread that sends due outbound items, one destination association at a time."""
 
     def __init__(self, config: NodeConfig, queue: SqliteOutboundQueue,
-                 metrics: NodeMetrics, poll_interval_s: float = 0.5) -> None:
+                 metrics: NodeMetrics, poll_interval_s: float = 0.5,
+                 audit: AuditLog | None = None) -> None:
         self.config = config
         self.queue = queue
         self.metrics = metrics
+        self.audit = audit
         self.poll_interval_s = poll_interval_s
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -241,24 +251,47 @@ class Sender:
             missing = [f for f in item.files if not Path(f).exists()]
             if missing:
                 raise SendError(f"{len(missing)} result files are gone from the spool "
-                                f"(retention?): {Path(missing[0]).name}")
+                                f"(retention?): {Path(missing[0]).name}", "files_missing")
             send_files(self.config, dest, item.files)
-        except (SendError, KeyError) as exc:
-            error = str(exc)
+        except SendError as exc:
+            error, kind = str(exc), exc.kind
+        except KeyError as exc:
+            error, kind = str(exc), "unknown_destination"
         except Exception as exc:  # the item boundary: any failure is a failed attempt
-            error = f"{type(exc).__name__}: {exc}"
+            error, kind = f"{type(exc).__name__}: {exc}", "unexpected"
             LOGGER.exception("unexpected error sending job %d to %s", item.job_id,
                              item.destination)
         else:
-            error = ""
+            error = kind = ""
+        seconds = time.monotonic() - started
         if error:
             state = self.queue.mark_failed(item.id, error)
             self.metrics.outbound_failures.labels(destination=item.destination).inc()
+            self.metrics.outbound_errors.labels(destination=item.destination, kind=kind).inc()
+            self.metrics.destinations.failed(item.destination, error)
             log = LOGGER.error if state == "dead" else LOGGER.warning
             log("sending results of study %s (job %d) to %s failed (attempt %d, now %s): %s",
                 item.study_uid, item.job_id, item.destination, item.attempts + 1, state, error)
+            self._record_attempt(item, "dead" if state == "dead" else "retry", seconds, kind)
             return
         self.queue.mark_sent(item.id)
         self.metrics.results_sent.labels(destination=item.destination).inc(len(item.files))
+        self.metrics.destinations.succeeded(item.destination)
         LOGGER.info("sent %d results of study %s (job %d) to %s in %.2f s", len(item.files),
-                    item.study_uid, item.job_id, item.destination, time.monotonic() - started)
+                    item.study_uid, item.job_id, item.destination, seconds)
+        self._record_attempt(item, "sent", seconds, None)
+
+    def _record_attempt(self, item: OutboundItem, outcome: str, seconds: float,
+                        kind: str | None) -> None:
+        """The latency metric (when sent) and the audit line of one delivery attempt."""
+        origin = job_origin(self.queue.db, item.job_id)
+        latency = now() - origin.last_received_at if origin is not None else None
+        if outcome == "sent" and latency is not None:
+            self.metrics.result_latency.labels(destination=item.destination).observe(latency)
+        if self.audit is None:
+            return
+        self.audit.record("sent", job_id=item.job_id, study_uid=item.study_uid,
+                          series_uid=origin.series_uid if origin is not None else None,
+                          destination=item.destination, outcome=outcome,
+                          attempt=item.attempts + 1, results=len(item.files), seconds=seconds,
+                          latency_seconds=latency, error_kind=kind)

@@ -26,10 +26,12 @@ from typing import Any
 
 from pydicom import Dataset
 
+from node.audit import AuditLog
 from node.config import NodeConfig
 from node.db import StateDB
 from node.jobs import Job, SqliteJobQueue
 from node.logs import setup_logging
+from node.monitoring import summarize_findings
 from node.notify import plan as plan_notifications
 from node.spool import safe_name, write_durably
 
@@ -73,9 +75,16 @@ def write_results(spool_dir: Path, job_id: int, datasets: list[Dataset], fsync: 
     return paths
 
 
-def run_job(job: Job, analyzer: Analyzer, config: NodeConfig, queue: SqliteJobQueue) -> bool:
-    """Analyse one job, write its results and report, queue the results. True if done."""
+def run_job(job: Job, analyzer: Analyzer, config: NodeConfig, queue: SqliteJobQueue,
+            audit: AuditLog | None = None) -> bool:
+    """Analyse one job, write its results and report, queue the results. True if done.
+    With *audit*, records ``selected`` now and ``analysed`` at the end."""
     started = time.monotonic()
+    if audit is not None:
+        audit.record("selected", job_id=job.id, series_uid=job.series_uid,
+                     study_uid=job.study_uid, calling_ae=job.calling_ae, priority=job.priority,
+                     attempt=job.attempts, instances=job.instance_count,
+                     latency_seconds=time.time() - job.last_received_at)
     spool_dir = config.spool.path
     report: dict[str, Any] = {"job": job.to_dict(), "worker_pid": os.getpid()}
     LOGGER.info("job %d: analysing series %s (%d instances, attempt %d)",
@@ -91,6 +100,10 @@ def run_job(job: Job, analyzer: Analyzer, config: NodeConfig, queue: SqliteJobQu
         _write_report(spool_dir, job.id, report, config.spool.fsync)
         queue.fail(job.id, reason)
         LOGGER.error("job %d failed for series %s: %s", job.id, job.series_uid, reason)
+        if audit is not None:
+            audit.record("analysed", job_id=job.id, series_uid=job.series_uid,
+                         study_uid=job.study_uid, outcome="failed",
+                         seconds=time.monotonic() - started, error_kind=type(exc).__name__)
         return False
     seconds = time.monotonic() - started
     report.update(state="done", findings=findings, files=files, seconds=round(seconds, 3))
@@ -99,6 +112,12 @@ def run_job(job: Job, analyzer: Analyzer, config: NodeConfig, queue: SqliteJobQu
     queue.finish(job.id, findings, outbound, plan_notifications(config, job, findings))
     LOGGER.info("job %d done in %.2f s: series %s, %d result objects for %d destinations",
                 job.id, seconds, job.series_uid, len(files), len(outbound))
+    if audit is not None:
+        headline = summarize_findings(findings)
+        audit.record("analysed", job_id=job.id, series_uid=job.series_uid,
+                     study_uid=job.study_uid, outcome="done", seconds=seconds,
+                     positive=headline.positive, top_label=headline.top_label,
+                     results=len(files))
     return True
 
 
@@ -131,6 +150,7 @@ def worker_main(config_json: str, analyzer_path: str,
     setup_logging(config.logging)
     db = StateDB(config.spool.path)
     queue = SqliteJobQueue(db, config.worker.max_job_attempts)
+    audit = AuditLog.from_config(config)
     try:
         analyzer = load_analyzer(analyzer_path, config)
     except Exception:  # e.g. weights missing or refused: the node must say so, loudly
@@ -145,7 +165,7 @@ def worker_main(config_json: str, analyzer_path: str,
             if job is None:
                 stop.wait(config.worker.poll_interval_s)
                 continue
-            run_job(job, analyzer, config, queue)
+            run_job(job, analyzer, config, queue, audit)
     finally:
         db.close()
         LOGGER.info("worker %d stopped", os.getpid())
@@ -163,6 +183,11 @@ class WorkerProcess:
         self._process: multiprocessing.process.BaseProcess | None = None
         self._restarts = 0
         self._next_restart = 0.0
+
+    @property
+    def restarts(self) -> int:
+        """How often the worker was restarted after it died."""
+        return self._restarts
 
     def start(self) -> None:
         """Spawn the worker."""

@@ -83,3 +83,39 @@ def bleed_if_named(series_dir: Path, config: Any) -> Results:
     findings = Findings(labels, np.zeros((1, 6), np.float32), np.zeros((1, 1, 1), np.uint8),
                         lesions, ModelIdentity("ich-test", "0.0", "ab" * 32, demo=True))
     return Results(base.datasets, {**findings.to_json(), **base.findings})
+
+
+def with_previews(series_dir: Path, config: Any) -> Results:
+    """The real volume and the real result writers (SR, SEG, preview images) with pretend
+    findings: an intraparenchymal bleed of 15 mm radius at the centre of the volume. Fast
+    (no models), so that node tests can look at real results and previews."""
+    from pipeline.config import PipelineConfig
+    from pipeline.findings import LABELS, Findings, LabelFinding, ModelIdentity
+    from pipeline.lesions import find_lesions
+    from pipeline.volume import load_volume
+    from sr_writer.results import write_results
+
+    cfg = config if isinstance(config, PipelineConfig) else PipelineConfig()
+    t0 = time.perf_counter()
+    volume, selection = load_volume(Path(series_dir), cfg)
+    t_volume = time.perf_counter() - t0
+    nz, ny, nx = volume.hu.shape
+    sz, sy, sx = volume.spacing
+    z, y, x = np.ogrid[:nz, :ny, :nx]
+    sphere = (((z - nz / 2) * sz) ** 2 + ((y - ny / 2) * sy) ** 2
+              + ((x - nx / 2) * sx) ** 2) < 15.0 ** 2
+    mask = np.where(sphere, np.uint8(2), np.uint8(0))  # 2 = intraparenchymal
+    lesions, mask = find_lesions(mask, volume.image)
+    positive = {"any", "intraparenchymal"}
+    labels = {name: LabelFinding(0.93 if name in positive else 0.04, name in positive, 0.5)
+              for name in LABELS}
+    findings = Findings(labels=labels, slice_probabilities=np.zeros((nz, len(LABELS)),
+                                                                    np.float32),
+                        mask=mask, lesions=lesions,
+                        model=ModelIdentity("test-analyzer", "0", "0" * 64, demo=True))
+    headers = [dcmread(path, stop_before_pixels=True) for path in selection.files]
+    datasets = write_results(headers, volume, findings, cfg.results)
+    summary = findings.to_json()
+    summary["timings_s"] = {"volume": round(t_volume, 4),
+                            "total": round(time.perf_counter() - t0, 4)}
+    return Results(datasets, summary)

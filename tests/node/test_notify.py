@@ -160,6 +160,13 @@ def test_positive_study_notifies_webhook_and_hl7_once_and_a_negative_one_neither
                   {"target": "er-hook", "kind": "webhook"}) == 1
     assert metric("ich_node_notifications", {"state": "sent"}) == 2
 
+    audit = [json.loads(line) for line in
+             (node.config.spool.path / "audit.jsonl").read_text().splitlines()]
+    notified = sorted((a["channel"], a["target"], a["outcome"], a["study_uid"])
+                      for a in audit if a["event"] == "notified")
+    assert notified == [("hl7", "ris", "sent", pos.study_uid),
+                        ("webhook", "er-hook", "sent", pos.study_uid)]
+
 
 def test_targets_that_are_down_get_the_notification_once_they_are_up(
         make_node: Callable[..., Node], tmp_path: Path,
