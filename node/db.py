@@ -25,7 +25,17 @@ from typing import Any
 LOGGER = logging.getLogger(__name__)
 
 DB_NAME = "state.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# Columns added after a version: (table, column, declaration). A state.db from an older
+# version gets them at open (ALTER TABLE ADD COLUMN, so old rows keep their values and
+# take the default); new files have them from _SCHEMA.
+_ADDED_COLUMNS = (
+    (2, "jobs", "priority_reason", "TEXT"),
+    (2, "jobs", "urgent", "INTEGER NOT NULL DEFAULT 0"),
+    (2, "outbound", "priority", "INTEGER NOT NULL DEFAULT 0"),
+    (2, "outbound", "urgent", "INTEGER NOT NULL DEFAULT 0"),
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -77,7 +87,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at REAL,
     worker_pid INTEGER,
     error TEXT,
-    findings TEXT
+    findings TEXT,
+    priority_reason TEXT,
+    urgent INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, priority, created_at);
 
@@ -93,7 +105,9 @@ CREATE TABLE IF NOT EXISTS outbound (
     next_attempt_at REAL NOT NULL,
     created_at REAL NOT NULL,
     sent_at REAL,
-    last_error TEXT
+    last_error TEXT,
+    priority INTEGER NOT NULL DEFAULT 0,
+    urgent INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS outbound_state ON outbound (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS outbound_study ON outbound (study_uid);
@@ -129,6 +143,28 @@ class StateDB:
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
                 (str(SCHEMA_VERSION),),
             )
+            self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a state.db written by an older version up to :data:`SCHEMA_VERSION`."""
+        with self.transaction() as cur:
+            row = cur.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            version = int(row["value"])
+            if version > SCHEMA_VERSION:
+                LOGGER.warning("%s has schema version %d, newer than this node's %d",
+                               self.path, version, SCHEMA_VERSION)
+                return
+            added = []
+            for _, table, column, declaration in _ADDED_COLUMNS:
+                columns = {r["name"] for r in cur.execute(f"PRAGMA table_info({table})")}
+                if column not in columns:
+                    cur.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+                    added.append(f"{table}.{column}")
+            if version < SCHEMA_VERSION:
+                cur.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
+                            (str(SCHEMA_VERSION),))
+                LOGGER.info("%s migrated from schema version %d to %d (added %s)", self.path,
+                            version, SCHEMA_VERSION, ", ".join(added) or "nothing")
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Cursor]:

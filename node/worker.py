@@ -20,6 +20,7 @@ import signal
 import time
 import traceback
 from collections.abc import Callable
+from datetime import datetime
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from node.db import StateDB
 from node.jobs import Job, SqliteJobQueue
 from node.logs import setup_logging
 from node.spool import safe_name, write_durably
+from node.triage import is_positive, route, series_header
 
 LOGGER = logging.getLogger(__name__)
 
@@ -92,12 +94,17 @@ def run_job(job: Job, analyzer: Analyzer, config: NodeConfig, queue: SqliteJobQu
         LOGGER.error("job %d failed for series %s: %s", job.id, job.series_uid, reason)
         return False
     seconds = time.monotonic() - started
-    report.update(state="done", findings=findings, files=files, seconds=round(seconds, 3))
+    urgent = is_positive(findings)
+    names = route(config, urgent, job.calling_ae, lambda: series_header(Path(job.series_dir)),
+                  datetime.now())
+    report.update(state="done", findings=findings, files=files, seconds=round(seconds, 3),
+                  urgent=urgent, destinations=names)
     _write_report(spool_dir, job.id, report, config.spool.fsync)
-    outbound = [(dest.name, files) for dest in config.destinations] if files else []
-    queue.finish(job.id, findings, outbound)
-    LOGGER.info("job %d done in %.2f s: series %s, %d result objects for %d destinations",
-                job.id, seconds, job.series_uid, len(files), len(outbound))
+    outbound = [(name, files) for name in names] if files else []
+    queue.finish(job.id, findings, outbound, urgent=urgent)
+    LOGGER.info("job %d done in %.2f s: series %s, %d result objects for %d destinations%s",
+                job.id, seconds, job.series_uid, len(files), len(outbound),
+                f" (URGENT: positive, to {', '.join(names)})" if urgent else "")
     return True
 
 
@@ -126,6 +133,7 @@ def worker_main(config_json: str, analyzer_path: str,
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the node reloads; see WorkerProcess.reload
     config = NodeConfig.model_validate_json(config_json)
     setup_logging(config.logging)
     db = StateDB(config.spool.path)
@@ -162,6 +170,7 @@ class WorkerProcess:
         self._process: multiprocessing.process.BaseProcess | None = None
         self._restarts = 0
         self._next_restart = 0.0
+        self.reloading = False
 
     def start(self) -> None:
         """Spawn the worker."""
@@ -176,9 +185,23 @@ class WorkerProcess:
         """Whether the worker process runs."""
         return self._process is not None and self._process.is_alive()
 
+    def reload(self, config: NodeConfig) -> None:
+        """Use *config* from the next job on: the running worker finishes its job and exits
+        (it claims nothing more), and :meth:`ensure_running` starts the next with *config*."""
+        self.config = config
+        if self._process is not None and self._process.is_alive():
+            self.reloading = True
+            self._stop.set()
+
     def ensure_running(self) -> None:
         """Restart a worker that died (its job is re-queued by attempt count). A worker
         that keeps dying is restarted less and less often (up to every 5 minutes)."""
+        if self.reloading and self._process is not None and not self._process.is_alive():
+            self.reloading = False
+            LOGGER.info("worker %s exited for the reload; starting one with the new "
+                        "configuration", self._process.pid)
+            self.start()
+            return
         if self._process is None or self._process.is_alive() or self._stop.is_set():
             return
         now = time.monotonic()
