@@ -151,7 +151,7 @@ class Node:
         """Liveness: the worker runs and the listener is up."""
         if self._server is None:
             return False, "DICOM listener not running"
-        if self.worker is None or not (self.worker.is_alive() or self.worker.reloading):
+        if self.worker is None or not self.worker.is_alive():
             return False, "worker process not running"
         return True, "ok"
 

@@ -168,13 +168,17 @@ class WorkerProcess:
         self._ctx = multiprocessing.get_context("spawn")
         self._stop = self._ctx.Event()
         self._process: multiprocessing.process.BaseProcess | None = None
+        # Workers finishing their last job after a reload, with their stop events (an event
+        # must live until its process has unpickled it).
+        self._retiring: list[tuple[multiprocessing.process.BaseProcess,
+                                   multiprocessing.synchronize.Event]] = []
         self._restarts = 0
         self._next_restart = 0.0
-        self.reloading = False
 
     def start(self) -> None:
-        """Spawn the worker."""
-        self._stop.clear()
+        """Spawn the worker. Each process gets its own stop event: a process killed while
+        waiting on an event would leave it blocking every later ``set()``."""
+        self._stop = self._ctx.Event()
         self._process = self._ctx.Process(
             target=worker_main, name="ich-node-worker",
             args=(self.config.model_dump_json(), self.analyzer_path, self._stop), daemon=True,
@@ -186,22 +190,23 @@ class WorkerProcess:
         return self._process is not None and self._process.is_alive()
 
     def reload(self, config: NodeConfig) -> None:
-        """Use *config* from the next job on: the running worker finishes its job and exits
-        (it claims nothing more), and :meth:`ensure_running` starts the next with *config*."""
+        """Run the next jobs with *config*: a new worker starts now, the running one finishes
+        its current job, claims nothing more and exits. Call it from a thread that outlives
+        the worker (the main thread): the worker's parent-death signal follows the thread
+        that started it."""
         self.config = config
-        if self._process is not None and self._process.is_alive():
-            self.reloading = True
+        old = self._process
+        if old is not None and old.is_alive():
             self._stop.set()
+            self._retiring.append((old, self._stop))
+            LOGGER.info("worker %s finishes its current job and exits (configuration reloaded)",
+                        old.pid)
+        self.start()
 
     def ensure_running(self) -> None:
         """Restart a worker that died (its job is re-queued by attempt count). A worker
         that keeps dying is restarted less and less often (up to every 5 minutes)."""
-        if self.reloading and self._process is not None and not self._process.is_alive():
-            self.reloading = False
-            LOGGER.info("worker %s exited for the reload; starting one with the new "
-                        "configuration", self._process.pid)
-            self.start()
-            return
+        self._retiring = [(p, e) for p, e in self._retiring if p.is_alive()]
         if self._process is None or self._process.is_alive() or self._stop.is_set():
             return
         now = time.monotonic()
@@ -217,17 +222,23 @@ class WorkerProcess:
 
     def stop(self) -> None:
         """Let the current job finish within ``worker.shutdown_grace_s``, else kill the
-        worker and put its job back to ready."""
-        if self._process is None:
+        worker and put its job back to ready (also a worker still retiring after a reload)."""
+        processes = [p for p, _ in self._retiring]
+        if self._process is not None:
+            processes.append(self._process)
+        if not processes:
             return
         self._stop.set()
-        self._process.join(self.config.worker.shutdown_grace_s)
-        if self._process.is_alive():
-            LOGGER.warning("worker still busy after %.0f s: terminating it, its job is re-queued",
-                           self.config.worker.shutdown_grace_s)
-            self._process.kill()
-            self._process.join(10)
-            for row in self.queue.db.query("SELECT id FROM jobs WHERE state = 'processing'"
-                                           " AND worker_pid = ?", (self._process.pid,)):
-                self.queue.requeue_job(row["id"])
+        deadline = time.monotonic() + self.config.worker.shutdown_grace_s
+        for process in processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                LOGGER.warning("worker %s still busy after %.0f s: terminating it, its job is "
+                               "re-queued", process.pid, self.config.worker.shutdown_grace_s)
+                process.kill()
+                process.join(10)
+                for row in self.queue.db.query("SELECT id FROM jobs WHERE state = 'processing'"
+                                               " AND worker_pid = ?", (process.pid,)):
+                    self.queue.requeue_job(row["id"])
         self._process = None
+        self._retiring = []
