@@ -20,10 +20,10 @@ from node.app import Node
 from node.config import NodeConfig, load_config
 from node.reload import plan
 from tests.conftest import node_config
-from tests.helpers.net import _nodelay, free_port, pynetdicom_send, wait_until
+from tests.helpers.net import _nodelay, free_port, wait_until
 from tests.helpers.receiver import Receiver
 from tests.node.test_restart import NodeProcess
-from tests.node.test_triage import ct_series
+from tests.node.test_triage import ct_series, send
 
 
 def _dest(name: str, port: int) -> dict[str, Any]:
@@ -97,7 +97,7 @@ def test_reload_applies_destinations_and_allowlists_while_an_association_stays_o
         assoc.release()
     refused = _open(node.port, "CT_A")
     assert refused.is_rejected
-    assert pynetdicom_send(node.port, ct_series("after"), calling_ae="CT_B") == [0, 0]
+    send(node.port, ct_series("after"), calling_ae="CT_B")
     wait_until(lambda: second.total() == 2, what="both results at the new destination")
     assert _destinations_of(node, series) == ["second"]
     assert first.total() == 0
@@ -135,7 +135,7 @@ def test_sighup_reloads_a_running_node_process(node_proc: NodeProcess,
     first, second = receivers
     node_proc.start()
     assert node_proc.proc is not None
-    assert pynetdicom_send(node_proc.port, ct_series("before"), calling_ae="CT_A") == [0, 0]
+    send(node_proc.port, ct_series("before"), calling_ae="CT_A")
     wait_until(lambda: first.total() == 1, what=f"first result\n{node_proc.log_text()}")
 
     series = ct_series("across-sighup")
@@ -165,7 +165,7 @@ def test_sighup_reloads_a_running_node_process(node_proc: NodeProcess,
                what=f"the refusal\n{node_proc.log_text()}")
     assert "destinations.0.port" in node_proc.log_text()
     # The old configuration stays: the listener answers as before, results go to "second".
-    assert pynetdicom_send(node_proc.port, ct_series("after"), calling_ae="CT_A") == [0, 0]
+    send(node_proc.port, ct_series("after"), calling_ae="CT_A")
     wait_until(lambda: second.total() == 2, what=f"second result\n{node_proc.log_text()}")
     assert first.total() == 1
     assert node_proc.terminate() == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import tempfile
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -21,7 +22,7 @@ from node.jobs import SqliteJobQueue
 from node.sender import SqliteOutboundQueue
 from node.triage import Decision, Triage, in_window, prioritize, route
 from tests.helpers.ctseries import TEST_ROOT, make_ct_slice
-from tests.helpers.net import free_port, pynetdicom_send, wait_until
+from tests.helpers.net import free_port, storescu, wait_until
 from tests.helpers.receiver import Receiver
 
 NIGHT = datetime(2026, 1, 1, 23, 30)
@@ -51,6 +52,18 @@ def ct_series(name: str, n: int = 2, **attrs: Any) -> list[Dataset]:
             setattr(ds, keyword, value)
         slices.append(ds)
     return slices
+
+
+def send(port: int, series: list[Dataset], calling_ae: str) -> None:
+    """Send *series* in one association with dcmtk's storescu (pynetdicom's SCU has a rare
+    race that loses a C-STORE response on a loaded machine)."""
+    with tempfile.TemporaryDirectory() as folder:
+        files = []
+        for index, ds in enumerate(series):
+            files.append(Path(folder) / f"{index:03d}.dcm")
+            ds.save_as(files[-1], enforce_file_format=True)
+        result = storescu(port, files, calling_ae=calling_ae)
+    assert result.returncode == 0, result.stderr
 
 
 # --- rules, with a fixed clock -------------------------------------------------------------
@@ -242,18 +255,18 @@ def test_stat_series_sent_after_ten_routine_ones_is_analysed_before_them(
     monkeypatch.setenv("ICH_TEST_GATE", str(gate))
     node = make_node(analyzer="tests.helpers.analyzers:gated")
     # The worker takes a first series and is held there: it is busy while the rest queue up.
-    assert pynetdicom_send(node.port, ct_series("busy"), calling_ae="WARD_CT") == [0, 0]
+    send(node.port, ct_series("busy"), calling_ae="WARD_CT")
     wait_until(lambda: [r["state"] for r in _job_rows(node)] == ["processing"],
                what="the worker to be busy with the first job")
     routine_uids = []
     for i in range(10):
         series = ct_series(f"routine-{i}", RequestedProcedurePriority="ROUTINE")
         routine_uids.append(str(series[0].SeriesInstanceUID))
-        assert pynetdicom_send(node.port, series, calling_ae="WARD_CT") == [0, 0]
+        send(node.port, series, calling_ae="WARD_CT")
     wait_until(lambda: len(_job_rows(node)) == 11, what="ten routine jobs")
     stat = ct_series("stat", RequestAttributesSequence=[
         header(RequestedProcedureID="RP1", RequestedProcedurePriority="STAT")])
-    assert pynetdicom_send(node.port, stat, calling_ae="WARD_CT") == [0, 0]
+    send(node.port, stat, calling_ae="WARD_CT")
     wait_until(lambda: len(_job_rows(node)) == 12, what="the STAT job")
     gate.unlink()
     wait_until(lambda: all(r["state"] == "done" for r in _job_rows(node)), timeout=60,
@@ -293,8 +306,8 @@ def test_positive_result_reaches_the_urgent_destination_negative_does_not(
         triage={"urgent_destinations": ["urgent-read"]})
     negative = ct_series("negative", SeriesDescription="HEAD 5mm")
     positive = ct_series("positive", SeriesDescription="HEAD 5mm BLEED")
-    assert pynetdicom_send(node.port, negative, calling_ae="WARD_CT") == [0, 0]
-    assert pynetdicom_send(node.port, positive, calling_ae="WARD_CT") == [0, 0]
+    send(node.port, negative, calling_ae="WARD_CT")
+    send(node.port, positive, calling_ae="WARD_CT")
     assert node.db is not None
     db = node.db
     wait_until(lambda: [r["state"] for r in db.query("SELECT state FROM outbound")]
@@ -322,8 +335,8 @@ def test_triage_rules_apply_in_the_running_node_with_a_fixed_clock(
         {"name": "er-night", "priority": 90, "calling_aes": ["ER_CT"],
          "time_of_day": "22:00-07:00"}]})
     node.triage.clock = lambda: NIGHT
-    assert pynetdicom_send(node.port, ct_series("er"), calling_ae="ER_CT") == [0, 0]
-    assert pynetdicom_send(node.port, ct_series("ward"), calling_ae="WARD_CT") == [0, 0]
+    send(node.port, ct_series("er"), calling_ae="ER_CT")
+    send(node.port, ct_series("ward"), calling_ae="WARD_CT")
     wait_until(lambda: len(_job_rows(node)) == 2, what="two jobs")
     reasons = {r["calling_ae"]: (r["priority"], r["priority_reason"]) for r in _job_rows(node)}
     assert reasons == {"ER_CT": (90, "er-night"), "WARD_CT": (0, "default")}
