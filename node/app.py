@@ -8,32 +8,39 @@ stop accepting first, then let the worker finish or re-queue its job.
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
+from pynetdicom import evt
 from pynetdicom.transport import ThreadedAssociationServer
 
-from node import __version__
+from node import __version__, handlers
 from node.assembler import SeriesAssembler
 from node.audit import AuditLog, audit_received
 from node.config import ConfigError, NodeConfig, check_runtime
 from node.db import StateDB
 from node.http import HttpEndpoint
 from node.jobs import SqliteJobQueue
+from node.logs import setup_logging
 from node.metrics import NodeMetrics
 from node.monitoring import FinishedJobs
 from node.notifier import Notifier
 from node.notify import SqliteNotificationQueue
+from node.reload import plan
 from node.retention import sweep
 from node.scp import start_server
 from node.sender import Sender, SqliteOutboundQueue
 from node.spool import DiskSpool
 from node.statuspage import StatusPage
+from node.triage import Triage
 from node.worker import REAL_ANALYZER, WorkerProcess
 from pipeline.analyze import check_models
 from pipeline.errors import PipelineError
@@ -42,13 +49,22 @@ from pipeline.findings import ModelIdentity
 LOGGER = logging.getLogger(__name__)
 
 
-class Node:
-    """One running node. ``analyzer`` is an import path; ``ich-node run`` uses the real one."""
+ConfigLoader = Callable[[], NodeConfig]
 
-    def __init__(self, config: NodeConfig, analyzer: str = REAL_ANALYZER) -> None:
-        spool_path = config.spool.path.resolve()
-        self.config = config.model_copy(update={"spool": config.spool.model_copy(
-            update={"path": spool_path})})
+
+def _resolve_spool(config: NodeConfig) -> NodeConfig:
+    return config.model_copy(update={"spool": config.spool.model_copy(
+        update={"path": config.spool.path.resolve()})})
+
+
+class Node:
+    """One running node. ``analyzer`` is an import path; ``ich-node run`` uses the real one.
+    ``loader`` re-reads the configuration from the sources used at start (for SIGHUP)."""
+
+    def __init__(self, config: NodeConfig, analyzer: str = REAL_ANALYZER,
+                 loader: ConfigLoader | None = None) -> None:
+        self.config = _resolve_spool(config)
+        self.loader = loader
         self.analyzer = analyzer
         self.metrics = NodeMetrics()
         self._stopped = threading.Event()
@@ -60,6 +76,7 @@ class Node:
         self.worker: WorkerProcess | None = None
         self.sender: Sender | None = None
         self.notifier: Notifier | None = None
+        self.status_page: StatusPage | None = None
 
     def start(self) -> None:
         """Start every part; return once the DICOM port listens. Refuses to start (a
@@ -104,9 +121,11 @@ class Node:
 
         self.scheduler = BackgroundScheduler(executors={"default": ThreadPoolExecutor(4)},
                                              job_defaults={"misfire_grace_time": None})
+        self.triage = Triage(cfg.triage, db)
         self.assembler = SeriesAssembler(self.scheduler, self.jobs, cfg.assembly, self.metrics,
                                          on_job=lambda job_id: audit_received(self.audit, db,
-                                                                              job_id))
+                                                                              job_id),
+                                         triage=self.triage)
         self.scheduler.start()
         resumed = self.assembler.resume()
         self.scheduler.add_job(self._housekeeping, "interval", seconds=2.0, id="housekeeping")
@@ -125,8 +144,9 @@ class Node:
                                       self.status_page.route)
             self._http.start()
         self.ae, self._server = start_server(cfg, self.spool, self.assembler, self.metrics)
-        if self._http is not None:
+        if self.status_page is not None:
             self.status_page.dicom_port = self.port
+        self._requested_handler: Callable[..., Any] = handlers.handle_requested
         LOGGER.info(
             "ich-node %s listening as %s on %s:%d; spool %s; %d destinations; analyzer %s; "
             "model %s; recovered %d files, re-queued %d jobs (%d failed), %d outbound, "
@@ -209,19 +229,93 @@ class Node:
                 return
             time.sleep(0.1)
 
+    def reload(self) -> bool:
+        """Re-read the configuration (SIGHUP) and apply what a running node can apply
+        (:mod:`node.reload`) without touching the DICOM listener or its associations. An
+        invalid configuration is refused with a log line naming the key, and the running
+        one stays. Returns whether the new configuration was taken."""
+        if self.loader is None:
+            LOGGER.error("reload: this node was started without a configuration source")
+            self.metrics.config_reloads.labels(outcome="no_source").inc()
+            return False
+        try:
+            loaded = _resolve_spool(self.loader())
+        except ConfigError as exc:
+            LOGGER.error("configuration reload refused, the running configuration stays: %s",
+                         "; ".join(line.strip() for line in str(exc).splitlines()))
+            self.metrics.config_reloads.labels(outcome="invalid").inc()
+            return False
+        new = plan(self.config, loaded)
+        if new.needs_restart:
+            LOGGER.warning("reload: %s changed but needs restart; the running values stay "
+                           "until then", ", ".join(new.needs_restart))
+        self._apply(new.config, new.applied)
+        self.metrics.config_reloads.labels(outcome="applied").inc()
+        LOGGER.info("configuration reloaded: %s; destinations now: %s",
+                    "changed " + ", ".join(new.applied) if new.applied else "nothing changed",
+                    ", ".join(d.name for d in new.config.destinations) or "none")
+        return True
+
+    def _apply(self, cfg: NodeConfig, applied: list[str]) -> None:
+        sections = {key.split(".")[0] for key in applied}
+        if not sections:
+            return
+        old, self.config = self.config, cfg
+        if cfg.logging != old.logging:
+            setup_logging(cfg.logging)
+        self.triage.update(cfg.triage)
+        self.assembler.config = cfg.assembly
+        self.jobs.max_attempts = cfg.worker.max_job_attempts
+        self.outbound.max_attempts = cfg.outbound.max_attempts
+        self.outbound.backoff_initial_s = cfg.outbound.backoff_initial_s
+        self.outbound.backoff_max_s = cfg.outbound.backoff_max_s
+        if self.sender is not None:
+            self.sender.config = cfg
+        if self.notifier is not None:
+            self.notifier.config = cfg
+        if self.status_page is not None:
+            self.status_page.config = cfg
+        if self.scheduler is not None and \
+                cfg.retention.sweep_interval_s != old.retention.sweep_interval_s:
+            self.scheduler.reschedule_job("retention", trigger="interval",
+                                          seconds=cfg.retention.sweep_interval_s)
+        if self._server is not None and "dicom" in sections:
+            # Bind the new policy before unbinding the old: no association is ever unchecked.
+            handler = functools.partial(handlers.handle_requested)
+            policy = handlers.AssociationPolicy.from_config(cfg.dicom, cfg.spool.path,
+                                                            cfg.spool.min_free_mb)
+            self._server.bind(evt.EVT_REQUESTED, handler, [policy, self.metrics])
+            self._server.unbind(evt.EVT_REQUESTED, self._requested_handler)
+            self._requested_handler = handler
+        if self.worker is not None and sections & {"destinations", "triage", "worker",
+                                                   "logging", "notifications"}:
+            self.worker.reload(cfg)
+
     def serve_forever(self) -> None:
-        """Start, then run until SIGTERM or SIGINT."""
+        """Start, then run until SIGTERM or SIGINT; SIGHUP reloads the configuration."""
         wake = threading.Event()
+        stop = threading.Event()
+        hup = threading.Event()
 
         def _on_signal(signum: int, frame: FrameType | None) -> None:
-            LOGGER.info("received %s", signal.Signals(signum).name)
+            if signum == signal.SIGHUP:
+                hup.set()
+            else:
+                LOGGER.info("received %s", signal.Signals(signum).name)
+                stop.set()
             wake.set()
 
         signal.signal(signal.SIGTERM, _on_signal)
         signal.signal(signal.SIGINT, _on_signal)
+        signal.signal(signal.SIGHUP, _on_signal)
         self.start()
         try:
-            while not wake.wait(1.0):
-                pass
+            while not stop.is_set():
+                wake.wait(1.0)
+                wake.clear()
+                if hup.is_set() and not stop.is_set():
+                    hup.clear()
+                    LOGGER.info("received SIGHUP: reloading the configuration")
+                    self.reload()
         finally:
             self.stop()

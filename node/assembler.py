@@ -22,6 +22,7 @@ from node.config import AssemblyConfig
 from node.db import now
 from node.jobs import SqliteJobQueue
 from node.metrics import NodeMetrics
+from node.triage import Triage
 
 LOGGER = logging.getLogger(__name__)
 
@@ -32,8 +33,10 @@ class SeriesAssembler:
     """Keeps one completion timer per receiving series."""
 
     def __init__(self, scheduler: BaseScheduler, jobs: SqliteJobQueue, config: AssemblyConfig,
-                 metrics: NodeMetrics, on_job: Callable[[int], None] | None = None) -> None:
+                 metrics: NodeMetrics, on_job: Callable[[int], None] | None = None,
+                 triage: Triage | None = None) -> None:
         self.scheduler = scheduler
+        self.triage = triage
         self.jobs = jobs
         self.config = config
         self.metrics = metrics
@@ -117,7 +120,11 @@ class SeriesAssembler:
             self._schedule(series_uid, threshold - idle, early)
             return None
         self._disarm(series_uid)
-        job_id = self.jobs.create_for_series(series_uid)
+        priority, reason = 0, None
+        if self.triage is not None:
+            decision = self.triage.for_series(series_uid, row["calling_ae"])
+            priority, reason = decision.priority, decision.reason
+        job_id = self.jobs.create_for_series(series_uid, priority, reason)
         if job_id is not None:
             self.metrics.series_completed.inc()
             LOGGER.info("series %s quiet for %.1f s (%s): job %d", series_uid, idle,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,11 +131,11 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
     return load_config(args.config, overrides)
 
 
-def cmd_run(config: NodeConfig) -> int:
-    """``ich-node run``."""
+def cmd_run(config: NodeConfig, loader: Callable[[], NodeConfig] | None = None) -> int:
+    """``ich-node run``; *loader* re-reads the same sources on SIGHUP."""
     from node.app import Node
 
-    Node(config).serve_forever()
+    Node(config, loader=loader).serve_forever()
     return 0
 
 
@@ -244,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(config.logging)
     try:
         if args.verb == "run":
-            return cmd_run(config)
+            return cmd_run(config, lambda: config_from_args(args))
         if args.verb == "echo":
             return cmd_echo(config, args.name)
         if args.verb == "status":

@@ -26,6 +26,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from pipeline.config import PipelineConfig
@@ -247,6 +248,100 @@ class NotificationsConfig(_Strict):
         return value
 
 
+def _check_time_window(value: str | None) -> str | None:
+    """``HH:MM-HH:MM`` in the node's local time; the end may be before the start (overnight)."""
+    if value is None:
+        return None
+    match = re.fullmatch(r"\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*", value)
+    if not match or int(match[1]) > 23 or int(match[3]) > 23 or int(match[2]) > 59 \
+            or int(match[4]) > 59:
+        raise ValueError(f"{value!r} is not a time window HH:MM-HH:MM (e.g. 22:00-07:00)")
+    if (int(match[1]), int(match[2])) == (int(match[3]), int(match[4])):
+        raise ValueError(f"time window {value!r} starts and ends at the same minute")
+    return f"{int(match[1]):02d}:{match[2]}-{int(match[3]):02d}:{match[4]}"
+
+
+def _check_dicom_match(value: dict[str, Any]) -> dict[str, list[str]]:
+    """Keywords must be DICOM keywords; each value a string or a list of strings."""
+    from pydicom.datadict import tag_for_keyword
+
+    out: dict[str, list[str]] = {}
+    for keyword, accepted in value.items():
+        if tag_for_keyword(str(keyword)) is None:
+            raise ValueError(f"{keyword!r} is not a DICOM attribute keyword (e.g. "
+                             "RequestedProcedurePriority, InstitutionalDepartmentName)")
+        items = accepted if isinstance(accepted, list) else [accepted]
+        if not items or not all(isinstance(v, str | int) for v in items):
+            raise ValueError(f"{keyword}: give a value or a list of values")
+        out[str(keyword)] = [str(v) for v in items]
+    return out
+
+
+class TriageConditions(_Strict):
+    """Conditions of a triage rule; all optional, all must hold (an empty rule always holds)."""
+
+    dicom: Annotated[dict[str, Any], AfterValidator(_check_dicom_match)] = Field(
+        default_factory=dict, description="DICOM keyword -> accepted value(s), read from one "
+        "instance header of the series (also inside RequestAttributesSequence); "
+        "case-insensitive, * and ? wildcards")
+    calling_aes: list[AETitle] = Field(
+        default_factory=list, description="The series came from one of these calling AE titles")
+    time_of_day: Annotated[str | None, AfterValidator(_check_time_window)] = Field(
+        None, description="Local time window HH:MM-HH:MM, may wrap midnight (22:00-07:00)")
+
+
+class PriorityRule(TriageConditions):
+    """First matching rule sets a job's priority (higher runs first)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="Logged and stored as "
+                      "the reason for the priority")
+    priority: int = Field(description="Job priority when the rule matches; higher first")
+
+
+class UrgentRoute(TriageConditions):
+    """A destination that receives positive results only (when its conditions hold)."""
+
+    destination: str = Field(description="Name of a configured destination")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_only(cls, value: Any) -> Any:
+        return {"destination": value} if isinstance(value, str) else value
+
+
+class TriageConfig(_Strict):
+    """Job priority and urgent routing of positive results."""
+
+    rules: list[PriorityRule] = Field(
+        default_factory=lambda: [
+            PriorityRule(name="stat", priority=100,
+                         dicom={"RequestedProcedurePriority": ["STAT"]}),
+            PriorityRule(name="high", priority=50,
+                         dicom={"RequestedProcedurePriority": ["HIGH"]}),
+        ],
+        description="Priority rules in order: the first whose conditions all hold sets the job's"
+        " priority (higher runs first), else default_priority; default: STAT 100, HIGH 50"
+        " (RequestedProcedurePriority)")
+    default_priority: int = Field(0, description="Priority of a job no rule matches")
+    urgent_destinations: list[UrgentRoute] = Field(
+        default_factory=list, description="Destinations (names, or {destination, conditions})"
+        " that get positive results in addition to the others; never negative ones")
+
+    @field_validator("rules")
+    @classmethod
+    def _unique_rule_names(cls, value: list[PriorityRule]) -> list[PriorityRule]:
+        names = [r.name for r in value]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise ValueError(f"rule names must be unique, repeated: {sorted(dupes)}")
+        return value
+
+    @property
+    def urgent_names(self) -> set[str]:
+        """Destinations that only receive positive results."""
+        return {route.destination for route in self.urgent_destinations}
+
+
 class NodeConfig(_Strict):
     """The whole configuration of one node."""
 
@@ -271,6 +366,8 @@ class NodeConfig(_Strict):
     pipeline: PipelineConfig = Field(
         default_factory=PipelineConfig,
         description="Series selection, volume, windows, models and result objects")
+    triage: TriageConfig = Field(default_factory=TriageConfig,
+                                 description="Job priority and urgent routing of positives")
 
     @field_validator("destinations")
     @classmethod
@@ -280,6 +377,16 @@ class NodeConfig(_Strict):
         if dupes:
             raise ValueError(f"destination names must be unique, repeated: {sorted(dupes)}")
         return value
+
+    @model_validator(mode="after")
+    def _urgent_destinations_exist(self) -> NodeConfig:
+        names = {d.name for d in self.destinations}
+        unknown = [r.destination for r in self.triage.urgent_destinations
+                   if r.destination not in names]
+        if unknown:
+            raise ValueError(f"triage.urgent_destinations: no destination named {unknown} "
+                             f"(known: {sorted(names) or 'none configured'})")
+        return self
 
     def destination(self, name: str) -> Destination:
         """The destination called *name*; KeyError names the known ones."""

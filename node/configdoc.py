@@ -47,6 +47,22 @@ _EXAMPLES = {
         "#    processing_id: P",
         "#    timeout_s: 10.0",
     ],
+    "rules": [
+        "#  - name: emergency-ct        # logged and stored with the job as its reason",
+        "#    priority: 80              # higher runs first",
+        "#    calling_aes: [ER_CT]      # sent by the emergency department's scanner",
+        "#  - name: stroke-unit",
+        "#    priority: 60",
+        "#    dicom: {CurrentPatientLocation: ['STROKE*', 'ED*']}  # any case, * and ?",
+        "#  - name: overnight",
+        "#    priority: 10",
+        "#    time_of_day: '22:00-07:00'  # local time; may wrap midnight",
+    ],
+    "urgent_destinations": [
+        "#  - urgent-worklist           # a destination name: every positive result",
+        "#  - destination: neuro-oncall # or with conditions (as in rules)",
+        "#    calling_aes: [ER_CT]",
+    ],
 }
 
 
@@ -54,6 +70,15 @@ def _scalar(value: Any) -> str:
     """One YAML value on one line (flow style for lists and mappings)."""
     plain = to_jsonable_python(value)
     text = yaml.safe_dump(plain, default_flow_style=True, width=10_000, allow_unicode=True)
+    return text.strip().removesuffix("...").strip()
+
+
+def _item(model: BaseModel) -> str:
+    dumped = model.model_dump(mode="json", exclude_defaults=True)
+    fields = type(model).model_fields
+    plain = {k: dumped[k] for k in sorted(dumped, key=lambda k: not fields[k].is_required())}
+    text = yaml.safe_dump(plain, default_flow_style=True, width=10_000, allow_unicode=True,
+                          sort_keys=False)
     return text.strip().removesuffix("...").strip()
 
 
@@ -75,7 +100,12 @@ def _render(model: BaseModel, defaults: BaseModel, indent: int, lines: list[str]
             lines.append(f"{pad}{name}:  # {about}" if about else f"{pad}{name}:")
             _render(value, default, indent + 1, lines)
             continue
-        lines.append(f"{pad}{name}: {_scalar(value)}  # {comment}")
+        if isinstance(value, list) and value and all(isinstance(v, BaseModel) for v in value):
+            # One item a line: its required keys first, then those not at their default.
+            lines.append(f"{pad}{name}:  # {comment}")
+            lines.extend(f"{pad}  - {_item(v)}" for v in value)
+        else:
+            lines.append(f"{pad}{name}: {_scalar(value)}  # {comment}")
         lines.extend(pad + example for example in _EXAMPLES.get(name, []))
 
 

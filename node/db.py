@@ -25,7 +25,17 @@ from typing import Any
 LOGGER = logging.getLogger(__name__)
 
 DB_NAME = "state.db"
-SCHEMA_VERSION = 2  # 2: notifications
+SCHEMA_VERSION = 3  # 2: notifications table; 3: job and outbound priority and urgency
+
+# Columns added after a version: (version, table, column, declaration). A state.db from an
+# older version gets them at open (ALTER TABLE ADD COLUMN, so old rows keep their values and
+# take the default); new files have them from _SCHEMA.
+_ADDED_COLUMNS = (
+    (3, "jobs", "priority_reason", "TEXT"),
+    (3, "jobs", "urgent", "INTEGER NOT NULL DEFAULT 0"),
+    (3, "outbound", "priority", "INTEGER NOT NULL DEFAULT 0"),
+    (3, "outbound", "urgent", "INTEGER NOT NULL DEFAULT 0"),
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -77,7 +87,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at REAL,
     worker_pid INTEGER,
     error TEXT,
-    findings TEXT
+    findings TEXT,
+    priority_reason TEXT,
+    urgent INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, priority, created_at);
 
@@ -93,7 +105,9 @@ CREATE TABLE IF NOT EXISTS outbound (
     next_attempt_at REAL NOT NULL,
     created_at REAL NOT NULL,
     sent_at REAL,
-    last_error TEXT
+    last_error TEXT,
+    priority INTEGER NOT NULL DEFAULT 0,
+    urgent INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS outbound_state ON outbound (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS outbound_study ON outbound (study_uid);
@@ -146,9 +160,10 @@ class StateDB:
         self._migrate()  # also with create=False: an older file gets the new tables
 
     def _migrate(self) -> None:
-        """Create missing tables (every schema change so far only adds tables and indexes, so
-        ``CREATE ... IF NOT EXISTS`` is the migration) and record the schema version; refuse
-        a database written by a newer node."""
+        """Create missing tables and add missing columns (every schema change so far only
+        adds tables, indexes and columns, so ``CREATE ... IF NOT EXISTS`` and ``ALTER TABLE
+        ADD COLUMN`` are the migration) and record the schema version; refuse a database
+        written by a newer node."""
         has_meta = self._conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table'"
                                       " AND name = 'meta'").fetchone()
         row = self._conn.execute("SELECT value FROM meta WHERE key = 'schema_version'"
@@ -159,14 +174,20 @@ class StateDB:
             raise RuntimeError(f"{self.path} has schema version {found}, newer than this "
                                f"node's {SCHEMA_VERSION}: upgrade ich-node")
         self._conn.executescript(_SCHEMA)
+        added = []
         with self.transaction() as cur:
+            for _, table, column, declaration in _ADDED_COLUMNS:
+                columns = {r["name"] for r in cur.execute(f"PRAGMA table_info({table})")}
+                if column not in columns:
+                    cur.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+                    added.append(f"{table}.{column}")
             cur.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)"
                         " ON CONFLICT (key) DO UPDATE SET value = excluded.value"
                         " WHERE CAST(value AS INTEGER) < CAST(excluded.value AS INTEGER)",
                         (str(SCHEMA_VERSION),))
         if row is not None and found < SCHEMA_VERSION:
-            LOGGER.info("state database %s migrated from schema %d to %d", self.path, found,
-                        SCHEMA_VERSION)
+            LOGGER.info("state database %s migrated from schema %d to %d (added columns: %s)",
+                        self.path, found, SCHEMA_VERSION, ", ".join(added) or "none")
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Cursor]:

@@ -35,6 +35,7 @@ class Job:
     attempts: int
     instance_count: int
     last_received_at: float
+    priority_reason: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form."""
@@ -44,7 +45,8 @@ class Job:
 class JobQueue(Protocol):
     """The job queue interface (embedded default: :class:`SqliteJobQueue`)."""
 
-    def create_for_series(self, series_uid: str, priority: int = 0) -> int | None:
+    def create_for_series(self, series_uid: str, priority: int = 0,
+                          reason: str | None = None) -> int | None:
         """Turn a ``receiving`` series into a ``ready`` job; None if it is not receiving."""
         ...
 
@@ -53,10 +55,10 @@ class JobQueue(Protocol):
         ...
 
     def finish(self, job_id: int, findings: dict[str, Any],
-               outbound: list[tuple[str, list[str]]],
+               outbound: list[tuple[str, list[str]]], urgent: bool = False,
                also: Callable[[sqlite3.Cursor], None] | None = None) -> None:
-        """Mark *job_id* done and queue its results: one (destination, files) per entry;
-        *also* writes more rows (notifications) in the same transaction."""
+        """Mark *job_id* done (and *urgent*) and queue its results: one (destination, files)
+        per entry; *also* writes more rows (notifications) in the same transaction."""
         ...
 
     def fail(self, job_id: int, reason: str) -> None:
@@ -71,23 +73,27 @@ class SqliteJobQueue:
         self.db = db
         self.max_attempts = max_attempts
 
-    def create_for_series(self, series_uid: str, priority: int = 0) -> int | None:
-        """Turn a ``receiving`` series into a ``ready`` job; None if it is not receiving."""
+    def create_for_series(self, series_uid: str, priority: int = 0,
+                          reason: str | None = None) -> int | None:
+        """Turn a ``receiving`` series into a ``ready`` job with *priority* (and the
+        *reason*, a triage rule name); None if it is not receiving."""
         with self.db.transaction() as cur:
             row = cur.execute("SELECT * FROM series WHERE series_uid = ?", (series_uid,)).fetchone()
             if row is None or row["state"] != "receiving":
                 return None
             cur.execute(
                 "INSERT INTO jobs (series_uid, study_uid, calling_ae, series_dir, state, priority,"
-                " instance_count, last_received_at, created_at) VALUES (?,?,?,?, 'ready', ?,?,?,?)",
+                " priority_reason, instance_count, last_received_at, created_at)"
+                " VALUES (?,?,?,?, 'ready', ?,?,?,?,?)",
                 (series_uid, row["study_uid"], row["calling_ae"], row["series_dir"], priority,
-                 row["instance_count"], row["last_received_at"], now()),
+                 reason, row["instance_count"], row["last_received_at"], now()),
             )
             job_id = int(cur.lastrowid or 0)
             cur.execute("UPDATE series SET state = 'queued', job_id = ?, runs = runs + 1"
                         " WHERE series_uid = ?", (job_id, series_uid))
-        LOGGER.info("series %s complete (%d instances from %s): job %d queued",
-                    series_uid, row["instance_count"], row["calling_ae"], job_id)
+        LOGGER.info("series %s complete (%d instances from %s): job %d queued with priority %d"
+                    " (%s)", series_uid, row["instance_count"], row["calling_ae"], job_id,
+                    priority, reason or "no rule")
         return job_id
 
     def claim(self, worker_pid: int) -> Job | None:
@@ -106,28 +112,32 @@ class SqliteJobQueue:
                    calling_ae=row["calling_ae"], series_dir=row["series_dir"],
                    priority=row["priority"], attempts=row["attempts"] + 1,
                    instance_count=row["instance_count"],
-                   last_received_at=row["last_received_at"])
+                   last_received_at=row["last_received_at"],
+                   priority_reason=row["priority_reason"])
 
     def finish(self, job_id: int, findings: dict[str, Any],
-               outbound: list[tuple[str, list[str]]],
+               outbound: list[tuple[str, list[str]]], urgent: bool = False,
                also: Callable[[sqlite3.Cursor], None] | None = None) -> None:
-        """Mark *job_id* done and queue its results, in one transaction; *also* (e.g.
+        """Mark *job_id* done (and *urgent*) and queue its results, in one transaction; the
+        outbound rows carry the job's priority and urgency (the sender's order). *also* (e.g.
         :func:`node.notify.plan`'s rows) writes in that same transaction, so a crash keeps
         all of it or none."""
         t = now()
         with self.db.transaction() as cur:
-            row = cur.execute("SELECT study_uid, series_uid FROM jobs WHERE id = ?",
+            row = cur.execute("SELECT study_uid, series_uid, priority FROM jobs WHERE id = ?",
                               (job_id,)).fetchone()
-            cur.execute("UPDATE jobs SET state = 'done', finished_at = ?, findings = ?, error = NULL"
-                        " WHERE id = ?", (t, json.dumps(findings), job_id))
+            cur.execute("UPDATE jobs SET state = 'done', finished_at = ?, findings = ?, error = NULL,"
+                        " urgent = ? WHERE id = ?", (t, json.dumps(findings), int(urgent), job_id))
             cur.execute("UPDATE series SET state = 'done', last_error = NULL"
                         " WHERE series_uid = ? AND job_id = ? AND state = 'processing'",
                         (row["series_uid"], job_id))
             for destination, files in outbound:
                 cur.execute(
                     "INSERT INTO outbound (job_id, study_uid, destination, files, state,"
-                    " next_attempt_at, created_at) VALUES (?,?,?,?, 'queued', ?, ?)",
-                    (job_id, row["study_uid"], destination, json.dumps(files), t, t),
+                    " next_attempt_at, created_at, priority, urgent)"
+                    " VALUES (?,?,?,?, 'queued', ?,?,?,?)",
+                    (job_id, row["study_uid"], destination, json.dumps(files), t, t,
+                     row["priority"], int(urgent)),
                 )
             if also is not None:
                 also(cur)

@@ -89,6 +89,9 @@ class NodeMetrics:
         self.notification_failures = Counter(
             f"{PREFIX}_notification_failures", "Failed notification attempts, by target and "
             "kind", ["target", "kind"], registry=r)
+        self.config_reloads = Counter(
+            f"{PREFIX}_config_reloads", "Configuration reloads (SIGHUP) by outcome (applied, "
+            "invalid, no_source)", ["outcome"], registry=r)
         self.store_seconds = Histogram(
             f"{PREFIX}_store_seconds", "Time to make one received instance durable",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0), registry=r)

@@ -93,11 +93,12 @@ class SqliteOutboundQueue:
         self.backoff_max_s = backoff_max_s
 
     def claim_due(self, limit: int = 8) -> list[OutboundItem]:
-        """Take the items whose retry time has come (state becomes ``sending``)."""
+        """Take the items whose retry time has come (state becomes ``sending``): urgent
+        (positive) results first, then by job priority, then the longest waiting."""
         with self.db.transaction() as cur:
             rows = cur.execute("SELECT * FROM outbound WHERE state = 'queued' AND next_attempt_at"
-                               " <= ? ORDER BY next_attempt_at, id LIMIT ?", (now(), limit)
-                               ).fetchall()
+                               " <= ? ORDER BY urgent DESC, priority DESC, next_attempt_at, id"
+                               " LIMIT ?", (now(), limit)).fetchall()
             for row in rows:
                 cur.execute("UPDATE outbound SET state = 'sending' WHERE id = ?", (row["id"],))
         return [OutboundItem(r["id"], r["job_id"], r["study_uid"], r["destination"],

@@ -20,6 +20,7 @@ import signal
 import time
 import traceback
 from collections.abc import Callable
+from datetime import datetime
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from node.logs import setup_logging
 from node.monitoring import summarize_findings
 from node.notify import plan as plan_notifications
 from node.spool import safe_name, write_durably
+from node.triage import is_positive, route, series_header
 
 LOGGER = logging.getLogger(__name__)
 
@@ -106,12 +108,18 @@ def run_job(job: Job, analyzer: Analyzer, config: NodeConfig, queue: SqliteJobQu
                          seconds=time.monotonic() - started, error_kind=type(exc).__name__)
         return False
     seconds = time.monotonic() - started
-    report.update(state="done", findings=findings, files=files, seconds=round(seconds, 3))
+    urgent = is_positive(findings)
+    names = route(config, urgent, job.calling_ae, lambda: series_header(Path(job.series_dir)),
+                  datetime.now())
+    report.update(state="done", findings=findings, files=files, seconds=round(seconds, 3),
+                  urgent=urgent, destinations=names)
     _write_report(spool_dir, job.id, report, config.spool.fsync)
-    outbound = [(dest.name, files) for dest in config.destinations] if files else []
-    queue.finish(job.id, findings, outbound, plan_notifications(config, job, findings))
-    LOGGER.info("job %d done in %.2f s: series %s, %d result objects for %d destinations",
-                job.id, seconds, job.series_uid, len(files), len(outbound))
+    outbound = [(name, files) for name in names] if files else []
+    queue.finish(job.id, findings, outbound, urgent=urgent,
+                 also=plan_notifications(config, job, findings))
+    LOGGER.info("job %d done in %.2f s: series %s, %d result objects for %d destinations%s",
+                job.id, seconds, job.series_uid, len(files), len(outbound),
+                f" (URGENT: positive, to {', '.join(names)})" if urgent else "")
     if audit is not None:
         headline = summarize_findings(findings)
         audit.record("analysed", job_id=job.id, series_uid=job.series_uid,
@@ -146,6 +154,7 @@ def worker_main(config_json: str, analyzer_path: str,
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the node reloads; see WorkerProcess.reload
     config = NodeConfig.model_validate_json(config_json)
     setup_logging(config.logging)
     db = StateDB(config.spool.path)
@@ -181,6 +190,10 @@ class WorkerProcess:
         self._ctx = multiprocessing.get_context("spawn")
         self._stop = self._ctx.Event()
         self._process: multiprocessing.process.BaseProcess | None = None
+        # Workers finishing their last job after a reload, with their stop events (an event
+        # must live until its process has unpickled it).
+        self._retiring: list[tuple[multiprocessing.process.BaseProcess,
+                                   multiprocessing.synchronize.Event]] = []
         self._restarts = 0
         self._next_restart = 0.0
 
@@ -190,8 +203,9 @@ class WorkerProcess:
         return self._restarts
 
     def start(self) -> None:
-        """Spawn the worker."""
-        self._stop.clear()
+        """Spawn the worker. Each process gets its own stop event: a process killed while
+        waiting on an event would leave it blocking every later ``set()``."""
+        self._stop = self._ctx.Event()
         self._process = self._ctx.Process(
             target=worker_main, name="ich-node-worker",
             args=(self.config.model_dump_json(), self.analyzer_path, self._stop), daemon=True,
@@ -202,9 +216,24 @@ class WorkerProcess:
         """Whether the worker process runs."""
         return self._process is not None and self._process.is_alive()
 
+    def reload(self, config: NodeConfig) -> None:
+        """Run the next jobs with *config*: a new worker starts now, the running one finishes
+        its current job, claims nothing more and exits. Call it from a thread that outlives
+        the worker (the main thread): the worker's parent-death signal follows the thread
+        that started it."""
+        self.config = config
+        old = self._process
+        if old is not None and old.is_alive():
+            self._stop.set()
+            self._retiring.append((old, self._stop))
+            LOGGER.info("worker %s finishes its current job and exits (configuration reloaded)",
+                        old.pid)
+        self.start()
+
     def ensure_running(self) -> None:
         """Restart a worker that died (its job is re-queued by attempt count). A worker
         that keeps dying is restarted less and less often (up to every 5 minutes)."""
+        self._retiring = [(p, e) for p, e in self._retiring if p.is_alive()]
         if self._process is None or self._process.is_alive() or self._stop.is_set():
             return
         now = time.monotonic()
@@ -220,17 +249,23 @@ class WorkerProcess:
 
     def stop(self) -> None:
         """Let the current job finish within ``worker.shutdown_grace_s``, else kill the
-        worker and put its job back to ready."""
-        if self._process is None:
+        worker and put its job back to ready (also a worker still retiring after a reload)."""
+        processes = [p for p, _ in self._retiring]
+        if self._process is not None:
+            processes.append(self._process)
+        if not processes:
             return
         self._stop.set()
-        self._process.join(self.config.worker.shutdown_grace_s)
-        if self._process.is_alive():
-            LOGGER.warning("worker still busy after %.0f s: terminating it, its job is re-queued",
-                           self.config.worker.shutdown_grace_s)
-            self._process.kill()
-            self._process.join(10)
-            for row in self.queue.db.query("SELECT id FROM jobs WHERE state = 'processing'"
-                                           " AND worker_pid = ?", (self._process.pid,)):
-                self.queue.requeue_job(row["id"])
+        deadline = time.monotonic() + self.config.worker.shutdown_grace_s
+        for process in processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                LOGGER.warning("worker %s still busy after %.0f s: terminating it, its job is "
+                               "re-queued", process.pid, self.config.worker.shutdown_grace_s)
+                process.kill()
+                process.join(10)
+                for row in self.queue.db.query("SELECT id FROM jobs WHERE state = 'processing'"
+                                               " AND worker_pid = ?", (process.pid,)):
+                    self.queue.requeue_job(row["id"])
         self._process = None
+        self._retiring = []

@@ -119,3 +119,24 @@ def with_previews(series_dir: Path, config: Any) -> Results:
     summary["timings_s"] = {"volume": round(t_volume, 4),
                             "total": round(time.perf_counter() - t0, 4)}
     return Results(datasets, summary)
+
+
+def bleed(series_dir: Path, config: Any) -> Results:
+    """Like :func:`summary`; the findings are positive when the series description contains
+    BLEED (so one node sees positive and negative series)."""
+    results = summary(series_dir, config)
+    src = dcmread(sorted(Path(series_dir).glob("*.dcm"))[0], stop_before_pixels=True)
+    positive = "BLEED" in str(src.get("SeriesDescription", "")).upper()
+    return Results(results.datasets, {**results.findings, "positive": positive})
+
+
+def gated(series_dir: Path, config: Any) -> Results:
+    """Like :func:`summary`, but waits while the file named by ``ICH_TEST_GATE`` exists, so
+    that a test can hold the worker until its queue is full (fails after two minutes)."""
+    gate = os.environ.get("ICH_TEST_GATE")
+    deadline = time.monotonic() + 120
+    while gate and Path(gate).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"test gate {gate} still closed after 120 s")
+        time.sleep(0.05)
+    return summary(series_dir, config)

@@ -14,7 +14,7 @@ from node.logs import setup_logging
 def main(argv: list[str]) -> int:
     config = load_config(Path(argv[1]))
     setup_logging(config.logging)
-    Node(config, analyzer=argv[2]).serve_forever()
+    Node(config, analyzer=argv[2], loader=lambda: load_config(Path(argv[1]))).serve_forever()
     return 0
 
 
