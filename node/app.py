@@ -16,19 +16,20 @@ from types import FrameType
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
-from pynetdicom.transport import ThreadedAssociationServer
 
 from node import __version__
 from node.assembler import SeriesAssembler
+from node.commitment import CommitmentService
 from node.config import ConfigError, NodeConfig, check_runtime
 from node.db import StateDB
 from node.http import HttpEndpoint
 from node.jobs import SqliteJobQueue
 from node.metrics import NodeMetrics
 from node.retention import sweep
-from node.scp import start_server
+from node.scp import CT_SOP_CLASSES, Listeners, start_server
 from node.sender import Sender, SqliteOutboundQueue
 from node.spool import DiskSpool
+from node.tls import check_tls
 from node.worker import REAL_ANALYZER, WorkerProcess
 from pipeline.analyze import check_models
 from pipeline.errors import PipelineError
@@ -47,7 +48,8 @@ class Node:
         self.analyzer = analyzer
         self.metrics = NodeMetrics()
         self._stopped = threading.Event()
-        self._server: ThreadedAssociationServer | None = None
+        self._listeners: Listeners | None = None
+        self.commitment: CommitmentService | None = None
         self._http: HttpEndpoint | None = None
         self.db: StateDB | None = None
         self._spool_db: StateDB | None = None
@@ -62,6 +64,7 @@ class Node:
         already started are stopped again."""
         cfg = self.config
         check_runtime(cfg)
+        check_tls(cfg)
         model: ModelIdentity | None = None
         if self.analyzer == REAL_ANALYZER:
             try:
@@ -106,12 +109,17 @@ class Node:
         if cfg.http.port:
             self._http = HttpEndpoint(cfg.http.host, cfg.http.port, self.metrics, self.healthy)
             self._http.start()
-        self.ae, self._server = start_server(cfg, self.spool, self.assembler, self.metrics)
+        if cfg.commitment.enabled:
+            self.commitment = CommitmentService(cfg, db, self.metrics, CT_SOP_CLASSES)
+            self.commitment.start()
+        self._listeners = start_server(cfg, self.spool, self.assembler, self.metrics,
+                                       self.commitment)
+        self.ae = self._listeners.ae
         LOGGER.info(
             "ich-node %s listening as %s on %s:%d; spool %s; %d destinations; analyzer %s; "
-            "model %s; recovered %d files, re-queued %d jobs (%d failed), %d outbound, "
+            "TLS port %s; model %s; recovered %d files, re-queued %d jobs (%d failed), %d outbound, "
             "resumed %d series", __version__, cfg.dicom.ae_title, cfg.dicom.host, self.port,
-            cfg.spool.path, len(cfg.destinations), self.analyzer,
+            cfg.spool.path, len(cfg.destinations), self.analyzer, self.tls_port or "off",
             f"{model.name} {model.version} sha256 {model.sha256[:16]}"
             + (" (DEMO weights, not for clinical use)" if model.demo else "") if model
             else "none (test analyzer)",
@@ -119,9 +127,17 @@ class Node:
 
     @property
     def port(self) -> int:
-        """The DICOM port actually bound (useful with port 0 in tests)."""
-        assert self._server is not None, "node not started"
-        return int(self._server.server_address[1])
+        """The DICOM port actually bound (useful with port 0 in tests); the TLS port when
+        there is no plain listener."""
+        assert self._listeners is not None, "node not started"
+        return int(self._listeners.servers[0].server_address[1])
+
+    @property
+    def tls_port(self) -> int | None:
+        """The DICOM-over-TLS port actually bound, if TLS is enabled."""
+        if self._listeners is None or self._listeners.tls is None:
+            return None
+        return int(self._listeners.tls.server_address[1])
 
     @property
     def http_port(self) -> int | None:
@@ -130,7 +146,7 @@ class Node:
 
     def healthy(self) -> tuple[bool, str]:
         """Liveness: the worker runs and the listener is up."""
-        if self._server is None:
+        if self._listeners is None:
             return False, "DICOM listener not running"
         if self.worker is None or not self.worker.is_alive():
             return False, "worker process not running"
@@ -151,10 +167,12 @@ class Node:
             return
         self._stopped.set()
         LOGGER.info("stopping: no new associations")
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        if self._listeners is not None:
+            self._listeners.shutdown()
+            self._listeners = None
             self._drain_associations()
+        if self.commitment is not None:
+            self.commitment.stop()
         if self.scheduler is not None and self.scheduler.running:
             self.scheduler.shutdown(wait=True)
         if self.worker is not None:

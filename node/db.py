@@ -97,6 +97,22 @@ CREATE TABLE IF NOT EXISTS outbound (
 );
 CREATE INDEX IF NOT EXISTS outbound_state ON outbound (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS outbound_study ON outbound (study_uid);
+
+-- storage commitment requests (node.commitment): pending -> reported | dead
+CREATE TABLE IF NOT EXISTS commitments (
+    transaction_uid TEXT PRIMARY KEY,
+    calling_ae TEXT NOT NULL,
+    refs TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    created_at REAL NOT NULL,
+    reported_at REAL,
+    committed INTEGER,
+    failed INTEGER,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS commitments_state ON commitments (state, next_attempt_at);
 """
 
 
