@@ -362,22 +362,28 @@ class CommitmentService:
     def _send(self, item: PendingCommitment, assoc: Association | None, event_type: int,
               info: Dataset) -> str:
         """Send on *assoc* if it is open, else on a new association; returns how."""
-        if assoc is not None and assoc.is_established:
+        if assoc is not None and assoc.is_established and not assoc.acse.is_release_requested():
+            # A requester that releases right after the N-ACTION-RSP does not answer; a
+            # short DIMSE timeout (pynetdicom then aborts) bounds the wait.
+            previous = assoc.dimse_timeout
+            assoc.dimse_timeout = self.config.commitment.same_association_timeout_s
             try:
                 status, _ = assoc.send_n_event_report(info, event_type,
                                                       StorageCommitmentPushModel,
                                                       StorageCommitmentPushModelInstance,
                                                       msg_id=self._next_id())
             except RuntimeError as exc:  # released between the check and the send
-                LOGGER.info("storage commitment %s: requesting association closed (%s); "
-                            "trying a new association", item.transaction_uid, exc)
-            else:
-                code = getattr(status, "Status", None)
-                if code == SUCCESS:
-                    return "same_association"
-                LOGGER.info("storage commitment %s: no success on the requesting association "
-                            "(status %s); trying a new association", item.transaction_uid,
-                            "none" if code is None else f"0x{code:04X}")
+                status = None
+                LOGGER.info("storage commitment %s: requesting association closed (%s)",
+                            item.transaction_uid, exc)
+            finally:
+                assoc.dimse_timeout = previous
+            code = getattr(status, "Status", None)
+            if code == SUCCESS:
+                return "same_association"
+            LOGGER.info("storage commitment %s: no success on the requesting association "
+                        "(%s); trying a new association", item.transaction_uid,
+                        "no response" if code is None else f"status 0x{code:04X}")
         peer = self.config.commitment.peer(item.calling_ae)
         if peer is None:
             raise SendError(f"the requesting association is closed and commitment.peers has "

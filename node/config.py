@@ -216,6 +216,8 @@ class CommitmentConfig(_Strict):
 
     enabled: bool = Field(True, description="Offer Storage Commitment Push Model on the listener")
     same_association: bool = Field(True, description="Answer on the requesting association while it is still open")
+    same_association_timeout_s: float = Field(
+        5.0, gt=0, description="Wait this long for the N-EVENT-REPORT response on the requesting association (a requester that hangs up instead is aborted and answered on a new association), seconds")
     peers: list[Destination] = Field(
         default_factory=list, description="Where to send N-EVENT-REPORT on a new association, by calling AE title (ae_title, host, port, tls)")
     max_attempts: int = Field(20, ge=1, description="Delivery attempts of one N-EVENT-REPORT before it is given up (dead)")
