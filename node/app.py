@@ -9,6 +9,7 @@ stop accepting first, then let the worker finish or re-queue its job.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -212,6 +213,7 @@ class Node:
 
         signal.signal(signal.SIGTERM, _on_signal)
         signal.signal(signal.SIGINT, _on_signal)
+        os.umask(0o077)  # whatever this process and its worker write is the owner's only
         self.start()
         try:
             while not wake.wait(1.0):

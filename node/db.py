@@ -14,6 +14,7 @@ serialises the threads that share one.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -130,6 +131,11 @@ class StateDB:
         if not create and not path.exists():
             raise FileNotFoundError(f"no node state at {path} (has the node run with this spool?)")
         self.path = path
+        if create:
+            # Owner-only before SQLite creates it; its -wal and -shm files copy its mode.
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            if path.stat().st_mode & 0o777 != 0o600:
+                path.chmod(0o600)
         self._lock = threading.RLock()
         self._conn = sqlite3.connect(str(path), timeout=30.0, isolation_level=None,
                                      check_same_thread=False)
