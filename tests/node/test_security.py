@@ -143,3 +143,32 @@ def test_pynetdicom_dataset_dumps_stay_out_of_debug_logs() -> None:
         for handler in saved[1]:
             root.addHandler(handler)
         root.setLevel(saved[0])
+
+
+def test_library_messages_that_quote_values_are_withheld(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """pydicom quotes the offending value when it breaks its VR, through its logger and
+    through ``warnings``; both reach the log with the value withheld."""
+    import warnings
+
+    root = logging.getLogger()
+    saved = (root.level, list(root.handlers))
+    try:
+        setup_logging(LoggingConfig(level="DEBUG", format="text"))
+        logging.getLogger("pydicom").warning("Invalid value for VR DA: '1937-04-12'.")
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn("Invalid value for VR PN: 'Kowalczykowna^Wilhelmina'", UserWarning,
+                          stacklevel=1)
+        logging.getLogger("node.test").info("series 1.2.3 from 'CT_1'")
+    finally:
+        logging.captureWarnings(False)
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in saved[1]:
+            root.addHandler(handler)
+        root.setLevel(saved[0])
+    err = capsys.readouterr().err
+    assert "1937-04-12" not in err and "Kowalczykowna" not in err
+    assert "VR DA: '<withheld>'" in err and "VR PN: '<withheld>'" in err
+    assert "from 'CT_1'" in err  # our own messages are written as they are
