@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-DEBIAN_PACKAGES := orthanc dcmtk dicom3tools
+DEBIAN_PACKAGES := orthanc dcmtk dicom3tools openssl
 
 .PHONY: run test venv system-deps check bench clean
 
@@ -18,10 +18,11 @@ $(STAMP): setup.cfg pyproject.toml
 
 venv: $(STAMP)
 
-# Orthanc (the PACS), dcmtk (other nodes) and dicom3tools (dciodvfy) are test peers.
+# Orthanc (the PACS), dcmtk (other nodes) and dicom3tools (dciodvfy) are test peers;
+# openssl makes the throwaway certificates of the TLS tests.
 system-deps:
 	@missing=""; \
-	for pair in Orthanc:orthanc storescu:dcmtk dciodvfy:dicom3tools; do \
+	for pair in Orthanc:orthanc storescu:dcmtk dciodvfy:dicom3tools openssl:openssl; do \
 	  bin=$${pair%%:*}; pkg=$${pair##*:}; \
 	  command -v $$bin >/dev/null 2>&1 || [ -x /usr/sbin/$$bin ] || missing="$$missing $$pkg"; \
 	done; \
