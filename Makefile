@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-DEBIAN_PACKAGES := orthanc dcmtk dicom3tools chromium fonts-dejavu-core
+DEBIAN_PACKAGES := orthanc dcmtk dicom3tools chromium fonts-dejavu-core openssl
 
 .PHONY: run test venv system-deps check bench clean
 
@@ -19,10 +19,11 @@ $(STAMP): setup.cfg pyproject.toml
 venv: $(STAMP)
 
 # Orthanc (the PACS), dcmtk (other nodes) and dicom3tools (dciodvfy) are test peers;
-# chromium (headless) and a font screenshot the status page.
+# chromium (headless) and a font screenshot the status page; openssl makes the throwaway
+# certificates of the TLS tests.
 system-deps:
 	@missing=""; \
-	for pair in Orthanc:orthanc storescu:dcmtk dciodvfy:dicom3tools chromium:chromium; do \
+	for pair in Orthanc:orthanc storescu:dcmtk dciodvfy:dicom3tools chromium:chromium openssl:openssl; do \
 	  bin=$${pair%%:*}; pkg=$${pair##*:}; \
 	  command -v $$bin >/dev/null 2>&1 || [ -x /usr/sbin/$$bin ] || missing="$$missing $$pkg"; \
 	done; \

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import signal
 import threading
 import time
@@ -20,11 +21,11 @@ from typing import Any
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from pynetdicom import evt
-from pynetdicom.transport import ThreadedAssociationServer
 
 from node import __version__, handlers
 from node.assembler import SeriesAssembler
 from node.audit import AuditLog, audit_received
+from node.commitment import CommitmentService
 from node.config import ConfigError, NodeConfig, check_runtime
 from node.db import StateDB
 from node.http import HttpEndpoint
@@ -36,10 +37,11 @@ from node.notifier import Notifier
 from node.notify import SqliteNotificationQueue
 from node.reload import plan
 from node.retention import sweep
-from node.scp import start_server
+from node.scp import CT_SOP_CLASSES, Listeners, start_server
 from node.sender import Sender, SqliteOutboundQueue
 from node.spool import DiskSpool
 from node.statuspage import StatusPage
+from node.tls import check_tls
 from node.triage import Triage
 from node.worker import REAL_ANALYZER, WorkerProcess
 from pipeline.analyze import check_models
@@ -68,7 +70,8 @@ class Node:
         self.analyzer = analyzer
         self.metrics = NodeMetrics()
         self._stopped = threading.Event()
-        self._server: ThreadedAssociationServer | None = None
+        self._listeners: Listeners | None = None
+        self.commitment: CommitmentService | None = None
         self._http: HttpEndpoint | None = None
         self.db: StateDB | None = None
         self._spool_db: StateDB | None = None
@@ -85,6 +88,7 @@ class Node:
         already started are stopped again."""
         cfg = self.config
         check_runtime(cfg)
+        check_tls(cfg)
         model: ModelIdentity | None = None
         if self.analyzer == REAL_ANALYZER:
             try:
@@ -143,16 +147,21 @@ class Node:
             self._http = HttpEndpoint(cfg.http.host, cfg.http.port, self.metrics, self.healthy,
                                       self.status_page.route)
             self._http.start()
-        self.ae, self._server = start_server(cfg, self.spool, self.assembler, self.metrics)
+        if cfg.commitment.enabled:
+            self.commitment = CommitmentService(cfg, db, self.metrics, CT_SOP_CLASSES)
+            self.commitment.start()
+        self._listeners = start_server(cfg, self.spool, self.assembler, self.metrics,
+                                       self.commitment)
+        self.ae = self._listeners.ae
         if self.status_page is not None:
             self.status_page.dicom_port = self.port
         self._requested_handler: Callable[..., Any] = handlers.handle_requested
         LOGGER.info(
             "ich-node %s listening as %s on %s:%d; spool %s; %d destinations; analyzer %s; "
-            "model %s; recovered %d files, re-queued %d jobs (%d failed), %d outbound, "
-            "resumed %d series, %d notifications", __version__, cfg.dicom.ae_title,
-            cfg.dicom.host, self.port,
-            cfg.spool.path, len(cfg.destinations), self.analyzer,
+            "TLS port %s; model %s; recovered %d files, re-queued %d jobs (%d failed), "
+            "%d outbound, resumed %d series, %d notifications", __version__,
+            cfg.dicom.ae_title, cfg.dicom.host, self.port,
+            cfg.spool.path, len(cfg.destinations), self.analyzer, self.tls_port or "off",
             f"{model.name} {model.version} sha256 {model.sha256[:16]}"
             + (" (DEMO weights, not for clinical use)" if model.demo else "") if model
             else "none (test analyzer)",
@@ -160,9 +169,17 @@ class Node:
 
     @property
     def port(self) -> int:
-        """The DICOM port actually bound (useful with port 0 in tests)."""
-        assert self._server is not None, "node not started"
-        return int(self._server.server_address[1])
+        """The DICOM port actually bound (useful with port 0 in tests); the TLS port when
+        there is no plain listener."""
+        assert self._listeners is not None, "node not started"
+        return int(self._listeners.servers[0].server_address[1])
+
+    @property
+    def tls_port(self) -> int | None:
+        """The DICOM-over-TLS port actually bound, if TLS is enabled."""
+        if self._listeners is None or self._listeners.tls is None:
+            return None
+        return int(self._listeners.tls.server_address[1])
 
     @property
     def http_port(self) -> int | None:
@@ -171,7 +188,7 @@ class Node:
 
     def healthy(self) -> tuple[bool, str]:
         """Liveness: the worker runs and the listener is up."""
-        if self._server is None:
+        if self._listeners is None:
             return False, "DICOM listener not running"
         if self.worker is None or not self.worker.is_alive():
             return False, "worker process not running"
@@ -194,10 +211,12 @@ class Node:
             return
         self._stopped.set()
         LOGGER.info("stopping: no new associations")
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        if self._listeners is not None:
+            self._listeners.shutdown()
+            self._listeners = None
             self._drain_associations()
+        if self.commitment is not None:
+            self.commitment.stop()
         if self.scheduler is not None and self.scheduler.running:
             self.scheduler.shutdown(wait=True)
         if self.worker is not None:
@@ -279,13 +298,14 @@ class Node:
                 cfg.retention.sweep_interval_s != old.retention.sweep_interval_s:
             self.scheduler.reschedule_job("retention", trigger="interval",
                                           seconds=cfg.retention.sweep_interval_s)
-        if self._server is not None and "dicom" in sections:
+        if self._listeners is not None and "dicom" in sections:
             # Bind the new policy before unbinding the old: no association is ever unchecked.
             handler = functools.partial(handlers.handle_requested)
             policy = handlers.AssociationPolicy.from_config(cfg.dicom, cfg.spool.path,
                                                             cfg.spool.min_free_mb)
-            self._server.bind(evt.EVT_REQUESTED, handler, [policy, self.metrics])
-            self._server.unbind(evt.EVT_REQUESTED, self._requested_handler)
+            for server in self._listeners.servers:
+                server.bind(evt.EVT_REQUESTED, handler, [policy, self.metrics])
+                server.unbind(evt.EVT_REQUESTED, self._requested_handler)
             self._requested_handler = handler
         if self.worker is not None and sections & {"destinations", "triage", "worker",
                                                    "logging", "notifications"}:
@@ -308,6 +328,7 @@ class Node:
         signal.signal(signal.SIGTERM, _on_signal)
         signal.signal(signal.SIGINT, _on_signal)
         signal.signal(signal.SIGHUP, _on_signal)
+        os.umask(0o077)  # whatever this process and its worker write is the owner's only
         self.start()
         try:
             while not stop.is_set():

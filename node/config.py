@@ -58,6 +58,28 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+
+class TlsConfig(_Strict):
+    """DICOM over TLS on the listener (PS3.15 Annex B.1, BCP 195 profile: TLS 1.2 or newer)."""
+
+    enabled: bool = Field(False, description="Also listen for DICOM over TLS on dicom.tls.port")
+    port: int = Field(2762, ge=0, le=65535, description="TLS listener port (2762 is the registered dicom-tls port); 0 = any free port")
+    plain_listener: bool = Field(True, description="Keep the plain-TCP listener on dicom.port as well; false = TLS only")
+    cert_file: Path | None = Field(None, description="Our certificate chain (PEM), required when enabled")
+    key_file: Path | None = Field(None, description="Private key of cert_file (PEM, unencrypted; keep it mode 0600)")
+    ca_file: Path | None = Field(None, description="CA certificates (PEM) that client certificates must chain to; required with require_client_cert")
+    require_client_cert: bool = Field(False, description="Refuse TLS connections without a client certificate signed by ca_file")
+    min_version: Literal["1.2", "1.3"] = Field("1.2", description="Oldest TLS version accepted: 1.2 or 1.3")
+    handshake_timeout_s: float = Field(10.0, gt=0, description="A TLS handshake that takes longer is dropped, seconds")
+
+    @model_validator(mode="after")
+    def _files(self) -> TlsConfig:
+        if self.enabled and (self.cert_file is None or self.key_file is None):
+            raise ValueError("cert_file and key_file are required when TLS is enabled")
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("require_client_cert needs ca_file (the CA that signs client certificates)")
+        return self
+
 class DicomConfig(_Strict):
     """The DICOM listener (PS3.8 upper layer, PS3.7 DIMSE)."""
 
@@ -82,6 +104,7 @@ class DicomConfig(_Strict):
     drain_timeout_s: float = Field(
         30.0, ge=0, description="On stop, wait this long for active associations to finish, seconds"
     )
+    tls: TlsConfig = Field(default_factory=TlsConfig, description="DICOM over TLS (docs/security.md)")
 
     @field_validator("allowed_networks")
     @classmethod
@@ -121,6 +144,22 @@ class AssemblyConfig(_Strict):
         return self.quiet_seconds_by_ae.get(calling_ae.strip(), self.quiet_seconds)
 
 
+
+class DestinationTls(_Strict):
+    """TLS towards one peer: the server is always verified (certificate chain and name)."""
+
+    ca_file: Path | None = Field(None, description="CA certificates (PEM) that the peer's certificate must chain to; null = the system CAs")
+    cert_file: Path | None = Field(None, description="Our client certificate (PEM), if the peer requires one")
+    key_file: Path | None = Field(None, description="Private key of cert_file (PEM, unencrypted)")
+    server_name: str | None = Field(None, description="Name the peer's certificate must carry; null = host")
+    min_version: Literal["1.2", "1.3"] = Field("1.2", description="Oldest TLS version used: 1.2 or 1.3")
+
+    @model_validator(mode="after")
+    def _pair(self) -> DestinationTls:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
 class Destination(_Strict):
     """A DICOM peer that receives our results (C-STORE SCP)."""
 
@@ -128,6 +167,7 @@ class Destination(_Strict):
     ae_title: AETitle
     host: str
     port: int = Field(ge=1, le=65535)
+    tls: DestinationTls | None = Field(None, description="DICOM over TLS to this peer; null = plain TCP")
 
 
 class OutboundConfig(_Strict):
@@ -342,6 +382,34 @@ class TriageConfig(_Strict):
         return {route.destination for route in self.urgent_destinations}
 
 
+class CommitmentConfig(_Strict):
+    """Storage Commitment Push Model SCP (PS3.4 Annex J): who asked, where to answer."""
+
+    enabled: bool = Field(True, description="Offer Storage Commitment Push Model on the listener")
+    same_association: bool = Field(True, description="Answer on the requesting association while it is still open")
+    same_association_timeout_s: float = Field(
+        5.0, gt=0, description="Wait this long for the N-EVENT-REPORT response on the requesting association (a requester that hangs up instead is aborted and answered on a new association), seconds")
+    peers: list[Destination] = Field(
+        default_factory=list, description="Where to send N-EVENT-REPORT on a new association, by calling AE title (ae_title, host, port, tls)")
+    max_attempts: int = Field(20, ge=1, description="Delivery attempts of one N-EVENT-REPORT before it is given up (dead)")
+    retry_interval_s: float = Field(30.0, gt=0, description="Wait between delivery attempts, seconds")
+
+    @field_validator("peers")
+    @classmethod
+    def _unique_peers(cls, value: list[Destination]) -> list[Destination]:
+        titles = [p.ae_title for p in value]
+        dupes = {t for t in titles if titles.count(t) > 1}
+        if dupes:
+            raise ValueError(f"one peer per AE title, repeated: {sorted(dupes)}")
+        return value
+
+    def peer(self, calling_ae: str) -> Destination | None:
+        """The peer that answers for *calling_ae*, if configured."""
+        for peer in self.peers:
+            if peer.ae_title == calling_ae.strip():
+                return peer
+        return None
+
 class NodeConfig(_Strict):
     """The whole configuration of one node."""
 
@@ -363,6 +431,8 @@ class NodeConfig(_Strict):
                              description="Status page, metrics and health")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Log output")
     audit: AuditConfig = Field(default_factory=AuditConfig, description="Audit log")
+    commitment: CommitmentConfig = Field(default_factory=CommitmentConfig,
+                                         description="Storage commitment (docs/security.md)")
     pipeline: PipelineConfig = Field(
         default_factory=PipelineConfig,
         description="Series selection, volume, windows, models and result objects")

@@ -28,6 +28,13 @@ _EXAMPLES = {
         "#    ae_title: ORTHANC",
         "#    host: 127.0.0.1",
         "#    port: 4242",
+        "#    tls: {ca_file: /etc/ich-node/tls/pacs-ca.pem}  # optional; docs/security.md",
+    ],
+    "peers": [
+        "#  - name: ct1                 # N-EVENT-REPORT to this AE when its association closed",
+        "#    ae_title: CT_SCANNER_1",
+        "#    host: 10.0.0.21",
+        "#    port: 104",
     ],
     "webhooks": [
         "#  - name: teams-er            # name used in logs, metrics and status",

@@ -14,6 +14,7 @@ serialises the threads that share one.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -25,7 +26,8 @@ from typing import Any
 LOGGER = logging.getLogger(__name__)
 
 DB_NAME = "state.db"
-SCHEMA_VERSION = 3  # 2: notifications table; 3: job and outbound priority and urgency
+SCHEMA_VERSION = 4  # 2: notifications; 3: job and outbound priority and urgency;
+#                    4: storage commitment requests
 
 # Columns added after a version: (version, table, column, declaration). A state.db from an
 # older version gets them at open (ALTER TABLE ADD COLUMN, so old rows keep their values and
@@ -131,6 +133,22 @@ CREATE TABLE IF NOT EXISTS notifications (
 );
 CREATE INDEX IF NOT EXISTS notifications_state ON notifications (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS notifications_study ON notifications (study_uid);
+
+-- storage commitment requests (node.commitment): pending -> reported | dead
+CREATE TABLE IF NOT EXISTS commitments (
+    transaction_uid TEXT PRIMARY KEY,
+    calling_ae TEXT NOT NULL,
+    refs TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    created_at REAL NOT NULL,
+    reported_at REAL,
+    committed INTEGER,
+    failed INTEGER,
+    last_error TEXT
+);
+CREATE INDEX IF NOT EXISTS commitments_state ON commitments (state, next_attempt_at);
 """
 
 
@@ -148,6 +166,18 @@ class StateDB:
         if not create and not path.exists():
             raise FileNotFoundError(f"no node state at {path} (has the node run with this spool?)")
         self.path = path
+        if create:
+            # Owner-only before SQLite creates it; its -wal and -shm files copy its mode. Never
+            # open and close an existing database file here: closing any descriptor of it
+            # drops every POSIX lock this process holds on it, those of its other SQLite
+            # connections included, and another process then rebuilds the WAL index under
+            # them (https://www.sqlite.org/howtocorrupt.html, section 2.2).
+            try:
+                os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                pass  # it exists: SQLite opens it; only its mode is checked below
+            if path.stat().st_mode & 0o777 != 0o600:
+                path.chmod(0o600)
         self._lock = threading.RLock()
         self._conn = sqlite3.connect(str(path), timeout=30.0, isolation_level=None,
                                      check_same_thread=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import shutil
 import sqlite3
 import time
@@ -40,12 +41,26 @@ CANNOT_UNDERSTAND_UNDECODABLE = 0xC210  # Error: Cannot understand (the data set
 CANNOT_UNDERSTAND_MISSING_UID = 0xC211  # Error: Cannot understand (a required UID is missing)
 CANNOT_UNDERSTAND_PIXEL_DATA = 0xC212  # Error: Cannot understand (pixel data absent or wrong size)
 CANNOT_UNDERSTAND_UID_MISMATCH = 0xC213  # Error: Cannot understand (UIDs differ from the command)
+CANNOT_UNDERSTAND_INVALID_UID = 0xC214  # Error: Cannot understand (a UID is not a UID, PS3.5 9.1)
+
+# PS3.5 9.1: digits and dots, no empty component, at most 64 characters. Leading zeros
+# (a common modality bug) are tolerated; anything else could never name a file safely.
+_UID_SHAPE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4.
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service user, calling AE not recognised
 REJECT_NOT_ALLOWED = (0x01, 0x01, 0x01)  # permanent, service user, no reason given
 REJECT_CONGESTION = (0x02, 0x03, 0x01)  # transient, service provider (presentation), congestion
 REJECT_LIMIT = (0x02, 0x03, 0x02)  # transient, service provider, local limit exceeded
+
+def printable_uid(value: object) -> str:
+    """A received UID for a log line: as is when it has a UID's shape, else its ``ascii()``
+    form, cut short (no control characters or forged log lines from a peer)."""
+    text = str(value)
+    if len(text) <= 64 and _UID_SHAPE.match(text):
+        return text
+    return ascii(text)[:100]
+
 
 class StoreRejected(Exception):
     """A received instance cannot be accepted; carries the status to answer with."""
@@ -141,6 +156,14 @@ def _header(ds: Dataset, request: C_STORE) -> InstanceHeader:
                             f"data set has no {', '.join(missing)}", "missing_uid")
     header = InstanceHeader(str(ds.SOPInstanceUID).strip(), str(ds.SOPClassUID).strip(),
                             str(ds.StudyInstanceUID).strip(), str(ds.SeriesInstanceUID).strip())
+    invalid = [k for k, v in (("SOPInstanceUID", header.sop_uid),
+                              ("StudyInstanceUID", header.study_uid),
+                              ("SeriesInstanceUID", header.series_uid))
+               if len(v) > 64 or not _UID_SHAPE.match(v)]
+    if invalid:
+        raise StoreRejected(CANNOT_UNDERSTAND_INVALID_UID,
+                            f"{', '.join(invalid)} not a valid UID (digits and dots, at most 64 "
+                            "characters)", "invalid_uid")
     if header.sop_class_uid != str(request.AffectedSOPClassUID):
         raise StoreRejected(DATASET_DOES_NOT_MATCH_SOP_CLASS,
                             f"data set SOP class {header.sop_class_uid} differs from the "
@@ -231,7 +254,7 @@ def handle_store(event: evt.Event, spool: Spool, assembler: SeriesAssembler,
     except StoreRejected as exc:
         metrics.store_failures.labels(reason=exc.metric).inc()
         LOGGER.warning("C-STORE from %s refused with 0x%04X: %s (command SOP instance %s)",
-                       calling_ae, exc.status, exc, request.AffectedSOPInstanceUID)
+                       calling_ae, exc.status, exc, printable_uid(request.AffectedSOPInstanceUID))
         return exc.status
     try:
         meta = encode_file_meta(header.sop_class_uid, header.sop_uid,

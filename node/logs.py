@@ -1,12 +1,26 @@
 """Logging set-up: plain text or JSON lines, one format for the node and its worker.
 
 Log records carry UIDs, calling AE titles and timings, never patient names or IDs.
+Our own modules never log data-set values other than UIDs. Libraries are held to the
+same rule here (docs/security.md):
+
+- pynetdicom prints every PDU and data set (patient module included) at DEBUG: its
+  logger stays at WARNING or above whatever ``logging.level`` says.
+- pydicom quotes the offending value when a value breaks its VR ("Invalid value for VR
+  DA: '1937-04-12'"), through its logger and through ``warnings``: warnings are routed
+  into logging, and :class:`WithholdValues` replaces every quoted value in pydicom's
+  records and in warnings with ``'<withheld>'``.
+- A job that fails on a library's exception (``ValueError: Unable to convert
+  '1937-04-12' to 'DA' object``) has its reason and traceback passed through
+  :func:`withhold_values` before they are logged or stored (``node.worker``); the
+  pipeline's own errors (``PipelineError``) state rules, not values, and stay as written.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 
@@ -15,6 +29,26 @@ from node.config import LoggingConfig
 LOGGER = logging.getLogger(__name__)
 
 _TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(processName)s %(name)s: %(message)s"
+
+# Loggers whose messages may quote data-set values (py.warnings: the warnings module).
+_VALUE_QUOTING_LOGGERS = ("pydicom", "py.warnings")
+_QUOTED = re.compile(r"'[^'\n]*'|\"[^\"\n]*\"")
+
+
+def withhold_values(text: str) -> str:
+    """*text* with every quoted value replaced by ``'<withheld>'`` (for messages of
+    libraries, which may quote a data-set value such as a birth date)."""
+    return _QUOTED.sub("'<withheld>'", text)
+
+
+class WithholdValues(logging.Filter):
+    """Replace quoted values in records of libraries that quote data-set values."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith(_VALUE_QUOTING_LOGGERS):
+            record.msg = withhold_values(record.getMessage())
+            record.args = None
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -37,6 +71,7 @@ class JsonFormatter(logging.Formatter):
 def setup_logging(config: LoggingConfig) -> None:
     """Configure the root logger to stderr in the configured format and level."""
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(WithholdValues())
     if config.format == "json":
         handler.setFormatter(JsonFormatter())
     else:
@@ -46,6 +81,7 @@ def setup_logging(config: LoggingConfig) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(config.level)
-    # pynetdicom logs every PDU at DEBUG and each association at INFO; keep it quieter.
+    logging.captureWarnings(True)  # warnings (pydicom's quote values) pass WithholdValues
+    # pynetdicom logs every PDU and data set at DEBUG and each association at INFO.
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
     logging.getLogger("apscheduler").setLevel(max(logging.WARNING, root.level))

@@ -92,6 +92,16 @@ class NodeMetrics:
         self.config_reloads = Counter(
             f"{PREFIX}_config_reloads", "Configuration reloads (SIGHUP) by outcome (applied, "
             "invalid, no_source)", ["outcome"], registry=r)
+        self.commitment_requests = Counter(
+            f"{PREFIX}_commitment_requests", "Storage commitment N-ACTION requests, by outcome "
+            "(accepted, or the refusal reason)", ["outcome"], registry=r)
+        self.commitment_reports = Counter(
+            f"{PREFIX}_commitment_reports", "Storage commitment N-EVENT-REPORTs delivered, by "
+            "result (all_committed, some_failed) and association (same_association, "
+            "new_association)", ["result", "via"], registry=r)
+        self.commitment_delivery_failures = Counter(
+            f"{PREFIX}_commitment_delivery_failures", "Failed N-EVENT-REPORT delivery attempts",
+            registry=r)
         self.store_seconds = Histogram(
             f"{PREFIX}_store_seconds", "Time to make one received instance durable",
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0), registry=r)

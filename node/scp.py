@@ -3,13 +3,19 @@
 CT Image Storage and Enhanced CT Image Storage are accepted in every transfer
 syntax that pydicom can decode here (with pylibjpeg and pyjpegls installed).
 Other storage SOP classes are refused at negotiation, or accepted and ignored,
-as ``dicom.other_sop_classes`` says.
+as ``dicom.other_sop_classes`` says. Storage Commitment Push Model is offered when
+``commitment.enabled`` (:mod:`node.commitment`).
+
+Listeners: plain TCP on ``dicom.port`` and, with ``dicom.tls.enabled``, DICOM over TLS
+on ``dicom.tls.port``; both share one AE, one policy and the same handlers.
+``dicom.tls.plain_listener: false`` leaves only the TLS one.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+from dataclasses import dataclass
 from typing import Any
 
 from pydicom.pixels import get_decoder
@@ -18,17 +24,19 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     EnhancedCTImageStorage,
+    StorageCommitmentPushModel,
     Verification,
 )
-from pynetdicom.transport import ThreadedAssociationServer
 
 from node import handlers
 from node.assembler import SeriesAssembler
+from node.commitment import CommitmentService, handle_commitment_request
 from node.config import NodeConfig
 from node.metrics import NodeMetrics
 from node.sender import set_nodelay
 from node.spool import Spool
-from node.transport import start_listener
+from node.tls import server_context
+from node.transport import NodeAssociationServer, TlsFailureHandler, start_listener
 
 LOGGER = logging.getLogger(__name__)
 
@@ -65,13 +73,43 @@ def build_ae(config: NodeConfig) -> AE:
         for cx in AllStoragePresentationContexts:
             if cx.abstract_syntax is not None and cx.abstract_syntax not in CT_SOP_CLASSES:
                 ae.add_supported_context(cx.abstract_syntax, syntaxes)
+    if config.commitment.enabled:
+        ae.add_supported_context(StorageCommitmentPushModel)
     return ae
 
 
+@dataclass
+class Listeners:
+    """The AE and its listening servers (plain, TLS, or both)."""
+
+    ae: AE
+    plain: NodeAssociationServer | None
+    tls: NodeAssociationServer | None
+
+    @property
+    def servers(self) -> list[NodeAssociationServer]:
+        return [s for s in (self.plain, self.tls) if s is not None]
+
+    def shutdown(self) -> None:
+        """Stop accepting on every listener (active associations go on)."""
+        for server in self.servers:
+            server.shutdown()
+
+
+def _count_tls_failure(metrics: NodeMetrics) -> TlsFailureHandler:
+    def on_failure(address: str, reason: str) -> None:
+        metrics.associations.labels(outcome="tls_handshake_failed").inc()
+    return on_failure
+
+
 def start_server(config: NodeConfig, spool: Spool, assembler: SeriesAssembler,
-                 metrics: NodeMetrics) -> tuple[AE, ThreadedAssociationServer]:
-    """Build the AE, bind the handlers with their dependencies, listen (non-blocking)."""
+                 metrics: NodeMetrics, commitment: CommitmentService | None = None
+                 ) -> Listeners:
+    """Build the AE, bind the handlers with their dependencies, listen (non-blocking).
+    A bad TLS certificate or key raises ConfigError before anything listens."""
     ae = build_ae(config)
+    tls = config.dicom.tls
+    ssl_context = server_context(tls) if tls.enabled else None
     policy = handlers.AssociationPolicy.from_config(config.dicom, config.spool.path,
                                                     config.spool.min_free_mb)
     bindings: list[Any] = [
@@ -83,10 +121,23 @@ def start_server(config: NodeConfig, spool: Spool, assembler: SeriesAssembler,
         (evt.EVT_ABORTED, handlers.handle_aborted, [assembler]),
         (evt.EVT_CONN_CLOSE, handlers.handle_aborted, [assembler]),
     ]
+    if commitment is not None:
+        bindings.append((evt.EVT_N_ACTION, handle_commitment_request, [commitment, metrics]))
     if config.dicom.tcp_nodelay:
         bindings.append((evt.EVT_CONN_OPEN, set_nodelay))
-    server = start_listener(ae, (config.dicom.host, config.dicom.port), bindings)
-    assert server.socket is not None
-    if config.dicom.tcp_nodelay:
-        server.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return ae, server
+    listeners = Listeners(ae, None, None)
+    try:
+        if tls.plain_listener or not tls.enabled:
+            listeners.plain = start_listener(ae, (config.dicom.host, config.dicom.port), bindings)
+        if ssl_context is not None:
+            listeners.tls = start_listener(ae, (config.dicom.host, tls.port), bindings,
+                                           ssl_context, tls.handshake_timeout_s,
+                                           _count_tls_failure(metrics))
+    except BaseException:
+        listeners.shutdown()
+        raise
+    for server in listeners.servers:
+        assert server.socket is not None
+        if config.dicom.tcp_nodelay:
+            server.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return listeners

@@ -27,10 +27,11 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.audit import AuditLog
-from node.config import Destination, NodeConfig
+from node.config import ConfigError, Destination, NodeConfig
 from node.db import StateDB, now
 from node.metrics import NodeMetrics
 from node.monitoring import job_origin
+from node.tls import tls_args
 
 LOGGER = logging.getLogger(__name__)
 
@@ -158,9 +159,11 @@ def _contexts_for(files: list[str]) -> list[tuple[str, list[str]]]:
 
 @contextmanager
 def _association(config: NodeConfig, dest: Destination,
-                 contexts: list[tuple[str, list[str]]]) -> Iterator[Association]:
-    """An established association to *dest* (Nagle off), released afterwards; SendError
-    when it cannot be established."""
+                 contexts: list[tuple[str, list[str]]],
+                 ext_neg: list[Any] | None = None) -> Iterator[Association]:
+    """An established association to *dest* (Nagle off; TLS when ``dest.tls`` says so),
+    released afterwards; SendError when it cannot be established. *ext_neg*: extended
+    negotiation items (e.g. SCP/SCU role selection)."""
     ae = AE(ae_title=config.outbound.calling_ae_title or config.dicom.ae_title)
     ae.acse_timeout = config.dicom.acse_timeout_s
     ae.dimse_timeout = config.dicom.dimse_timeout_s
@@ -169,9 +172,15 @@ def _association(config: NodeConfig, dest: Destination,
     for sop_class, syntaxes in contexts:
         ae.add_requested_context(sop_class, syntaxes)
     handlers: list[Any] = [(evt.EVT_CONN_OPEN, set_nodelay)] if config.dicom.tcp_nodelay else []
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=handlers)
+    try:
+        tls = tls_args(dest, f"{dest.name}.tls")
+    except ConfigError as exc:  # checked at start; a certificate file went away since
+        raise SendError(f"{dest.name}: {exc}") from exc
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, evt_handlers=handlers,
+                         ext_neg=ext_neg, tls_args=tls)
     if not assoc.is_established:
-        raise SendError(f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): association "
+        raise SendError(f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}"
+                        f"{', TLS' if tls else ''}): association "
                         f"{'rejected' if assoc.is_rejected else 'failed'}", "association")
     try:
         yield assoc

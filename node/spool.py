@@ -12,6 +12,9 @@ A store is: write to ``tmp/``, fsync the file, rename it into place, fsync the
 folder, record the arrival in the state database (committed with
 ``synchronous=FULL``), and only then report success. File names come from UIDs
 only after :func:`safe_name` has checked them.
+
+Everything under the spool is the owner's only (patient data): folders 0700, files
+0600, whatever the process umask (``ich-node run`` also sets umask 077).
 """
 
 from __future__ import annotations
@@ -34,6 +37,22 @@ Buffer = bytes | bytearray | memoryview
 LOGGER = logging.getLogger(__name__)
 
 _UID_LIKE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+DIR_MODE = 0o700  # spool folders: owner only
+FILE_MODE = 0o600  # spool files: owner only
+
+
+def owner_only(path: str, flags: int) -> int:
+    """``open(..., opener=owner_only)``: a new file is created with mode 0600."""
+    return os.open(path, flags, FILE_MODE)
+
+
+def private_dir(folder: Path) -> None:
+    """Create *folder* with mode 0700, or tighten it to 0700 if it exists."""
+    folder.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    if folder.stat().st_mode & 0o777 != DIR_MODE:
+        LOGGER.warning("tightening %s to mode 0700 (it holds patient data)", folder)
+        folder.chmod(DIR_MODE)
 
 
 def safe_name(uid: str) -> str:
@@ -62,7 +81,7 @@ def write_durably(path: Path, data: bytes | Sequence[Buffer], tmp_dir: Path,
     created = _makedirs(path.parent)
     chunks = [data] if isinstance(data, bytes) else data
     try:
-        with open(tmp, "wb") as fh:
+        with open(tmp, "wb", opener=owner_only) as fh:
             for chunk in chunks:
                 fh.write(chunk)
             fh.flush()
@@ -84,8 +103,8 @@ def _makedirs(folder: Path) -> list[Path]:
     while not probe.exists():
         missing.append(probe)
         probe = probe.parent
-    if missing:
-        folder.mkdir(parents=True, exist_ok=True)
+    for new in reversed(missing):  # top down, each 0700 (mkdir(parents=True) ignores mode
+        new.mkdir(mode=DIR_MODE, exist_ok=True)  # for the parents it creates)
     return [m.parent for m in missing]
 
 
@@ -142,8 +161,9 @@ class DiskSpool:
         self.instances_dir = self.root / "instances"
         self.results_dir = self.root / "results"
         self.jobs_dir = self.root / "jobs"
-        for folder in (self.tmp_dir, self.instances_dir, self.results_dir, self.jobs_dir):
-            folder.mkdir(parents=True, exist_ok=True)
+        for folder in (self.root, self.tmp_dir, self.instances_dir, self.results_dir,
+                       self.jobs_dir):
+            private_dir(folder)
 
     def series_dir(self, study_uid: str, series_uid: str) -> Path:
         """The folder that holds the instances of a series."""

@@ -31,11 +31,12 @@ from node.audit import AuditLog
 from node.config import NodeConfig
 from node.db import StateDB
 from node.jobs import Job, SqliteJobQueue
-from node.logs import setup_logging
+from node.logs import setup_logging, withhold_values
 from node.monitoring import summarize_findings
 from node.notify import plan as plan_notifications
 from node.spool import safe_name, write_durably
 from node.triage import is_positive, route, series_header
+from pipeline.errors import PipelineError
 
 LOGGER = logging.getLogger(__name__)
 
@@ -97,7 +98,10 @@ def run_job(job: Job, analyzer: Analyzer, config: NodeConfig, queue: SqliteJobQu
         findings = dict(results.findings)
     except Exception as exc:  # the job boundary: every failure becomes a failed job
         reason = f"{type(exc).__name__}: {exc}"
-        report.update(state="failed", error=reason, traceback=traceback.format_exc(),
+        trace = traceback.format_exc()
+        if not isinstance(exc, PipelineError):  # a library's message may quote patient data
+            reason, trace = withhold_values(reason), withhold_values(trace)
+        report.update(state="failed", error=reason, traceback=trace,
                       seconds=round(time.monotonic() - started, 3))
         _write_report(spool_dir, job.id, report, config.spool.fsync)
         queue.fail(job.id, reason)

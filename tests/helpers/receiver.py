@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ class Receiver:
     port: int
     ae_title: str = "RESULTS"
     status: int = 0x0000
+    ssl_context: ssl.SSLContext | None = None  # DICOM over TLS when set
     received: Counter[str] = field(default_factory=Counter)
     datasets: dict[str, object] = field(default_factory=dict)
     _server: ThreadedAssociationServer | None = None
@@ -36,7 +38,7 @@ class Receiver:
         ae.supported_contexts = AllStoragePresentationContexts
         ae.add_supported_context(Verification)
         self._server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+                                       ssl_context=self.ssl_context, evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
         return self
 
     def stop(self) -> None:

@@ -328,7 +328,7 @@ def test_tcp_nodelay_is_set_on_inbound_sockets(make_node: Callable[..., Node]) -
         sock = event.assoc.dul.socket.socket
         seen.append(sock.getsockopt(socket_module.IPPROTO_TCP, socket_module.TCP_NODELAY))
 
-    server = node._server  # noqa: SLF001 - the test inspects the listener
+    server = node._listeners.plain if node._listeners else None  # noqa: SLF001 - the listener
     assert server is not None
     server.bind(evt.EVT_ESTABLISHED, check)
     assoc = _associate(node.port, "CT")
