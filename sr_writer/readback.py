@@ -72,7 +72,7 @@ def _label_of(concept: hd.sr.CodedConcept | None) -> str:
                             "of the hemorrhage labels") from None
 
 
-def _single_value(measurements: list[hd.sr.NumContentItem], what: str) -> float:
+def _single_value(measurements: list[hd.sr.Measurement], what: str) -> float:
     if len(measurements) != 1:
         raise ReadbackError(f"expected one {what} measurement, found {len(measurements)}")
     return float(measurements[0].value)
@@ -93,17 +93,17 @@ def read_sr(dataset: Dataset) -> ReportedFindings:
         if len(calls) != 1:
             raise ReadbackError(f"label {label}: expected one Present/Absent call, "
                                 f"found {len(calls)}")
-        present = calls[0].value.value == codes.PRESENT.value
+        present = calls[0][0].ConceptCodeSequence[0].CodeValue == codes.PRESENT.value
         labels[label] = ReportedLabel(probability, present)
     missing = [label for label in LABELS if label not in labels]
     if missing:
         raise ReadbackError(f"the SR has no classification group for {missing}")
     volumes: dict[str, float] = {}
-    for group in report.get_volumetric_roi_measurement_groups():
-        if group.referenced_segment is None:  # a lesion group (centroid), not a subtype total
+    for roi in report.get_volumetric_roi_measurement_groups():
+        if roi.referenced_segment is None:  # a lesion group (centroid), not a subtype total
             continue
-        subtype = _label_of(group.finding_type)
-        volumes[subtype] = _single_value(group.get_measurements(name=codes.VOLUME), "Volume")
+        subtype = _label_of(roi.finding_type)
+        volumes[subtype] = _single_value(roi.get_measurements(name=codes.VOLUME), "Volume")
     statements: dict[str, list[str]] = {}
     urgent = False
     qualitative = [item for item in dataset.ContentSequence
