@@ -91,6 +91,11 @@ def test_uids_are_deterministic(positive: Case) -> None:
     # the SEG's segments keep their tracking UIDs too
     assert ([s.TrackingUID for s in again[1].SegmentSequence]
             == [s.TrackingUID for s in positive.results[1].SegmentSequence])
+    # and its dimension organization (highdicom draws that one at random)
+    for keyword in ("DimensionOrganizationSequence", "DimensionIndexSequence"):
+        assert ([d.DimensionOrganizationUID for d in again[1][keyword].value]
+                == [d.DimensionOrganizationUID for d in positive.results[1][keyword].value])
+    assert len({d.DimensionOrganizationUID for d in again[1].DimensionIndexSequence}) == 1
 
 
 def test_other_weights_give_other_uids(positive: Case) -> None:
