@@ -96,6 +96,7 @@ class ResultReceiver:
         ae.add_supported_context(Verification)
         server = ae.start_server(("127.0.0.1", 0), block=False,
                                  evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        assert server is not None, "start_server(block=False) returns the server"
         self._server = server
         return int(server.server_address[1])
 
