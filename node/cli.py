@@ -112,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="studies to send (default: negative and every subtype): negative, "
                            "epidural, subdural, subarachnoid, intraparenchymal, intraventricular")
     demo.add_argument("--seed", type=int, default=1, help="first phantom seed (default 1)")
-    demo.add_argument("--slices", type=int, default=28, help="slices per study (default 28)")
-    demo.add_argument("--matrix", type=int, default=256, help="rows = columns (default 256)")
+    demo.add_argument("--slices", type=int, default=24, help="slices per study (default 24)")
+    demo.add_argument("--matrix", type=int, default=192, help="rows = columns (default 192)")
     demo.add_argument("--quiet-seconds", type=float, default=2.0,
                       help="assembly quiet period (default 2)")
     demo.add_argument("--timeout", type=float, default=300.0,

@@ -144,20 +144,16 @@ def demo_config(base: NodeConfig, workdir: Path, receiver_port: int, quiet_s: fl
     return NodeConfig.model_validate(data)
 
 
-def make_studies(folder: Path, cases: Sequence[str], seed: int, slices: int, matrix: int
-                 ) -> list[DemoStudy]:
-    """Generate one phantom study per case (seed + case index) and write its CT series."""
+def make_study(folder: Path, name: str, seed: int, slices: int, matrix: int) -> DemoStudy:
+    """Generate the phantom study of case *name* and write its CT series into *folder*."""
     from pipeline.phantom import generate_study, write_dicom_series
 
-    studies = []
-    for index, name in enumerate(cases):
-        request = CASES[name]
-        study = generate_study(seed + index, subtypes=[request] if request else [],
-                               slices=slices, matrix=matrix)
-        files = write_dicom_series(study, folder / name)
-        studies.append(DemoStudy(name, study.identity.study_instance_uid, files,
-                                 {k: round(v, 1) for k, v in study.volume_ml().items()}))
-    return studies
+    request = CASES[name]
+    study = generate_study(seed, subtypes=[request] if request else [], slices=slices,
+                           matrix=matrix)
+    files = write_dicom_series(study, folder / name)
+    return DemoStudy(name, study.identity.study_instance_uid, files,
+                     {k: round(v, 1) for k, v in study.volume_ml().items()})
 
 
 def send_study(config: NodeConfig, node_port: int, study: DemoStudy) -> None:
@@ -257,6 +253,7 @@ def run_demo(base: NodeConfig, workdir: Path | None, cases: Sequence[str], seed:
              verbose: bool = False) -> int:
     """Run the demo and print its report; 0 when it ran, 1 when something failed."""
     from node.app import Node
+    from node.logs import setup_logging
     from pipeline.analyze import model_identity
 
     started = time.monotonic()
@@ -264,6 +261,7 @@ def run_demo(base: NodeConfig, workdir: Path | None, cases: Sequence[str], seed:
     workdir.mkdir(parents=True, exist_ok=True)
     receiver = ResultReceiver(workdir / "received")
     config = demo_config(base, workdir, receiver.start(), quiet_s, verbose)
+    setup_logging(config.logging)
     model = model_identity(config.pipeline)
     print(f"ich-node demo in {workdir}")
     if model is None or model.demo:
@@ -275,11 +273,13 @@ def run_demo(base: NodeConfig, workdir: Path | None, cases: Sequence[str], seed:
         print(f"node {config.dicom.ae_title} listening on 127.0.0.1:{node.port} (quiet "
               f"period {quiet_s:g} s); result receiver {RECEIVER_AE} on 127.0.0.1:"
               f"{config.destinations[0].port}")
-        studies = make_studies(workdir / "studies", cases, seed, slices, matrix)
-        print(f"generated {len(studies)} phantom studies ({slices} slices of {matrix} x "
-              f"{matrix}) in {workdir / 'studies'}; sending them as {SCANNER_AE} ...")
-        for study in studies:
-            send_study(config, node.port, study)
+        print(f"generating {len(cases)} phantom studies ({slices} slices of {matrix} x "
+              f"{matrix}) in {workdir / 'studies'} and sending each as {SCANNER_AE} ...")
+        studies: list[DemoStudy] = []
+        for index, name in enumerate(cases):  # the node analyses one while the next is made
+            studies.append(make_study(workdir / "studies", name, seed + index, slices, matrix))
+            send_study(config, node.port, studies[-1])
+        print(f"sent; waiting for {len(studies)} results ...")
         wait_for_results(node, len(studies), timeout_s)
         rows, warning = result_rows(studies, receiver)
     except DemoError as exc:
