@@ -105,6 +105,22 @@ def build_parser() -> argparse.ArgumentParser:
                           help="first phantom seed (default 10000, away from training)")
     evaluate.add_argument("--matrix", type=int, default=256, help="phantom matrix")
 
+    demo = verbs.add_parser("demo", help="node + local result receiver + phantom studies on "
+                                         "this machine; prints findings against the truth")
+    _common(demo)
+    demo.add_argument("--workdir", type=Path, help="working folder (default: a new temp folder)")
+    demo.add_argument("--cases", nargs="+", default=None, metavar="CASE",
+                      help="studies to send (default: negative and every subtype): negative, "
+                           "epidural, subdural, subarachnoid, intraparenchymal, intraventricular")
+    demo.add_argument("--seed", type=int, default=1, help="first phantom seed (default 1)")
+    demo.add_argument("--slices", type=int, default=24, help="slices per study (default 24)")
+    demo.add_argument("--matrix", type=int, default=192, help="rows = columns (default 192)")
+    demo.add_argument("--quiet-seconds", type=float, default=2.0,
+                      help="assembly quiet period (default 2)")
+    demo.add_argument("--timeout", type=float, default=300.0,
+                      help="give up waiting for results after this many seconds (default 300)")
+    demo.add_argument("--verbose", action="store_true", help="show the node's INFO log")
+
     volume = verbs.add_parser("volume", help="build the HU volume of a folder of CT instances")
     _common(volume)
     volume.add_argument("input_dir", type=Path, metavar="INPUT_DIR")
@@ -231,6 +247,18 @@ def cmd_evaluate(args: argparse.Namespace, config: NodeConfig) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace, config: NodeConfig) -> int:
+    """``ich-node demo``."""
+    from node.demo import CASES, run_demo
+
+    cases = args.cases or list(CASES)
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        raise ConfigError(f"--cases: unknown {unknown}; known: {', '.join(CASES)}")
+    return run_demo(config, args.workdir, cases, args.seed, args.slices, args.matrix,
+                    args.quiet_seconds, args.timeout, args.verbose)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``ich-node`` console script."""
     args = build_parser().parse_args(argv)
@@ -266,6 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_train(args)
         if args.verb == "evaluate":
             return cmd_evaluate(args, config)
+        if args.verb == "demo":
+            return cmd_demo(args, config)
         if args.verb == "volume":
             from pipeline.volume import volume_command
 

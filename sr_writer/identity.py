@@ -48,11 +48,12 @@ def package_version() -> str:
 
 
 def software_versions(findings: Findings) -> list[str]:
-    """SoftwareVersions (0018,1020, LO 1-n): the writer package and the model's version and
-    weights checksum prefix."""
+    """SoftwareVersions (0018,1020, LO 1-n): the writer package, the model's name and
+    version, and the weights checksum prefix, one value each (a value of 64 characters
+    would lose the checksum to the LO limit)."""
     model = findings.model
-    return [f"ich-node {package_version()}"[:64],
-            f"{model.name} {model.version} sha256:{model.sha256[:16]}"[:64]]
+    return [f"ich-node {package_version()}"[:64], f"{model.name} {model.version}"[:64],
+            f"sha256:{model.sha256[:16]}"]
 
 
 def device_serial_number(config: ResultsConfig) -> str:

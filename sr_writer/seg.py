@@ -289,9 +289,25 @@ def build_segmentation(source_datasets: Sequence[Dataset], volume: Volume,
         **character_set_kwargs(source_images[0]),
     )
     restore_character_set(seg, source_images[0])
+    pin_dimension_organizations(seg, uids)
     seg.BodyPartExamined = str(source_images[0].get("BodyPartExamined", "") or "HEAD")[:16]
     stamp_creation(seg, now)
     LOGGER.info("SEG %s: %d segment(s) %s on %d of %d source frame(s)", seg.SOPInstanceUID,
                 len(present_on_source), present_on_source,
                 int(np.count_nonzero(labels.reshape(len(planes), -1).any(axis=1))), len(planes))
     return SegResult(seg, numbers, tracking, planes, labels, notes)
+
+
+def pin_dimension_organizations(seg: Dataset, uids: ResultUids) -> None:
+    """Replace the Dimension Organization UIDs that highdicom draws at random with UIDs
+    derived from the input (PS3.3 C.7.6.17), so that re-running an analysis, or running it
+    offline (``ich-node analyze``), makes the same SEG."""
+    pinned: dict[str, str] = {}
+    for index, item in enumerate(seg.get("DimensionOrganizationSequence", [])):
+        new = uids.make("seg-dimension-organization", index)
+        pinned[str(item.DimensionOrganizationUID)] = new
+        item.DimensionOrganizationUID = new
+    for item in seg.get("DimensionIndexSequence", []):
+        old = str(item.get("DimensionOrganizationUID", ""))
+        if old in pinned:
+            item.DimensionOrganizationUID = pinned[old]

@@ -91,6 +91,11 @@ def test_uids_are_deterministic(positive: Case) -> None:
     # the SEG's segments keep their tracking UIDs too
     assert ([s.TrackingUID for s in again[1].SegmentSequence]
             == [s.TrackingUID for s in positive.results[1].SegmentSequence])
+    # and its dimension organization (highdicom draws that one at random)
+    for keyword in ("DimensionOrganizationSequence", "DimensionIndexSequence"):
+        assert ([d.DimensionOrganizationUID for d in again[1][keyword].value]
+                == [d.DimensionOrganizationUID for d in positive.results[1][keyword].value])
+    assert len({d.DimensionOrganizationUID for d in again[1].DimensionIndexSequence}) == 1
 
 
 def test_other_weights_give_other_uids(positive: Case) -> None:
@@ -137,3 +142,19 @@ def test_config_refuses_nonsense(overrides: dict[str, object]) -> None:
 def test_config_documents_every_field() -> None:
     for name, field in ResultsConfig.model_fields.items():
         assert field.description and "Default" in field.description, name
+
+
+def test_objects_read_back_without_validation_warnings(positive: Case) -> None:
+    """Every value fits its VR: pydicom reads each saved object back without a warning
+    (a 64-character LO value in a multi-valued element used to read back as 65)."""
+    import warnings
+
+    from pydicom import dcmread
+
+    for path in positive.files:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for _ in dcmread(path).iterall():
+                pass
+    versions = list(dcmread(positive.file_of("SR")).SoftwareVersions)
+    assert f"sha256:{positive.findings.model.sha256[:16]}" in versions
