@@ -80,12 +80,12 @@ def start_server(config: NodeConfig, spool: Spool, assembler: SeriesAssembler,
         (evt.EVT_C_ECHO, handlers.handle_echo),
         (evt.EVT_C_STORE, handlers.handle_store, [spool, assembler, metrics, CT_SOP_CLASSES]),
         (evt.EVT_RELEASED, handlers.handle_released, [assembler]),
-        (evt.EVT_ABORTED, handlers.handle_aborted, [assembler]),
+        (evt.EVT_ABORTED, handlers.handle_aborted, [assembler, metrics]),
         (evt.EVT_CONN_CLOSE, handlers.handle_aborted, [assembler]),
     ]
     if config.dicom.tcp_nodelay:
         bindings.append((evt.EVT_CONN_OPEN, set_nodelay))
-    server = start_listener(ae, (config.dicom.host, config.dicom.port), bindings)
+    server = start_listener(ae, (config.dicom.host, config.dicom.port), bindings, metrics)
     assert server.socket is not None
     if config.dicom.tcp_nodelay:
         server.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -1,9 +1,24 @@
-"""Transport tuning of the listener (pynetdicom's request handler and socket).
+"""Transport tuning and hardening of the listener (pynetdicom's request handler and socket).
 
 pynetdicom's ``AssociationSocket.recv`` reads at most 4 KiB per system call and grows a
 bytearray as it goes; a 256 KiB P-DATA PDU costs 64 calls. :class:`FastAssociationSocket`
 reads straight into a buffer of the PDU's size. Measured with ``bench/ingest.py``
-(BENCHMARKS.md). Behaviour is otherwise pynetdicom's own.
+(BENCHMARKS.md).
+
+Two rules protect the node from malformed or hostile peers (``docs/fuzzing.md``):
+
+- Every accepted socket gets ``dicom.network_timeout_s`` as its socket timeout. Python's
+  ``accept()`` returns a blocking socket without the listener's timeout, so a peer that
+  sent a PDU header (or a stray byte after an unknown PDU) and then went silent held
+  its association thread, and a ``dicom.max_associations`` slot, until it closed the
+  connection. Now the read times out and pynetdicom ends the association.
+- A PDU whose length field exceeds :func:`pdu_length_limit` is answered with an
+  A-ABORT (PS3.8 9.3.8: service provider, invalid PDU parameter value) and the
+  connection is closed: a 6-byte header claiming 0xFFFFFFFF bytes made the buffer above
+  allocate, and zero, 4 GiB. Buffers are also allocated as data arrives (at most
+  :data:`RECV_CHUNK_BYTES` ahead of it), so memory follows what a peer really sends.
+
+Behaviour is otherwise pynetdicom's own.
 """
 
 from __future__ import annotations
@@ -12,40 +27,101 @@ import logging
 import threading
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from pynetdicom import AE
 from pynetdicom.association import Association
+from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+from node.metrics import NodeMetrics
 
 LOGGER = logging.getLogger(__name__)
 
 DUL_IDLE_SLEEP_S = 0.0002
+MIN_PDU_LENGTH_LIMIT = 1024 * 1024  # bytes; an A-ASSOCIATE-RQ may be larger than max_pdu_bytes
+RECV_CHUNK_BYTES = 1024 * 1024  # a receive buffer grows by at most this much ahead of the data
+# A-ABORT, PS3.8 9.3.8: source 2 = DICOM UL service-provider, reason 6 = invalid PDU
+# parameter value.
+ABORT_SOURCE_PROVIDER = 0x02
+ABORT_INVALID_PDU_PARAMETER = 0x06
+
+
+def pdu_length_limit(max_pdu_bytes: int) -> int | None:
+    """The longest PDU we read, bytes: ``dicom.max_pdu_bytes`` (what we announce as
+    Maximum Length Received, PS3.8 D.1), at least :data:`MIN_PDU_LENGTH_LIMIT` so that
+    association requests and peers that slightly exceed the announced size still pass;
+    None (no limit) when ``max_pdu_bytes`` is 0 (unlimited)."""
+    return max(max_pdu_bytes, MIN_PDU_LENGTH_LIMIT) if max_pdu_bytes else None
+
+
+class PDUTooLarge(OSError):
+    """A PDU length field exceeds :func:`pdu_length_limit`. An OSError, so that pynetdicom's
+    reader treats it as a lost connection (Evt17) and ends the association."""
 
 
 class FastAssociationSocket(AssociationSocket):
     """An AssociationSocket whose ``recv`` fills one buffer with as few calls as the
-    kernel allows."""
+    kernel allows, and refuses PDUs longer than ``max_pdu_length``."""
+
+    max_pdu_length: int | None = None  # set per connection by NodeRequestHandler
+    metrics: NodeMetrics | None = None
 
     def recv(self, nr_bytes: int) -> bytearray:
-        """Read *nr_bytes*; fewer only when the peer closed the connection."""
+        """Read *nr_bytes*; fewer only when the peer closed the connection. Raises
+        :class:`PDUTooLarge` (after sending an A-ABORT) when *nr_bytes* exceeds
+        ``max_pdu_length``, TimeoutError when the peer is silent for the socket timeout."""
         assert self.socket is not None
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
+        if self.max_pdu_length is not None and nr_bytes > self.max_pdu_length:
+            self._abort_too_large(nr_bytes)
+        buffer = bytearray(min(nr_bytes, RECV_CHUNK_BYTES))
         nr_read = 0
-        try:
-            while nr_read < nr_bytes:
-                count = self.socket.recv_into(view[nr_read:], nr_bytes - nr_read)
-                if count == 0:  # connection closed: return what arrived, as pynetdicom does
-                    return bytearray(view[:nr_read])
-                nr_read += count
-        finally:
-            view.release()
+        while nr_read < nr_bytes:
+            if nr_read == len(buffer):  # grow only as the data arrives
+                buffer.extend(bytes(min(nr_bytes - nr_read, RECV_CHUNK_BYTES)))
+            with memoryview(buffer) as view:
+                try:
+                    count = self.socket.recv_into(view[nr_read:], len(buffer) - nr_read)
+                except TimeoutError:
+                    self._count("read_timeout")
+                    LOGGER.warning("protocol error from %s: silent for %s s with %d of %d "
+                                   "bytes read (dicom.network_timeout_s); closing", self._peer(),
+                                   self.socket.gettimeout(), nr_read, nr_bytes)
+                    raise
+            if count == 0:  # connection closed: return what arrived, as pynetdicom does
+                del buffer[nr_read:]
+                return buffer
+            nr_read += count
         return buffer
+
+    def _peer(self) -> str:
+        return str(self.assoc.requestor.address) if self.assoc is not None else "?"
+
+    def _count(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.protocol_errors.labels(reason=reason).inc()
+
+    def _abort_too_large(self, nr_bytes: int) -> None:
+        assert self.socket is not None
+        peer = self._peer()
+        self._count("pdu_too_large")
+        LOGGER.warning("protocol error from %s: PDU length field says %d bytes, more than the "
+                       "%d we accept (dicom.max_pdu_bytes); sending A-ABORT and closing",
+                       peer, nr_bytes, self.max_pdu_length)
+        pdu = A_ABORT_RQ()
+        pdu.source = ABORT_SOURCE_PROVIDER
+        pdu.reason_diagnostic = ABORT_INVALID_PDU_PARAMETER
+        try:
+            self.socket.sendall(pdu.encode())
+        except OSError as exc:  # the peer may be gone already; the connection ends anyway
+            LOGGER.info("A-ABORT to %s not sent: %s", peer, exc)
+        raise PDUTooLarge(f"PDU length {nr_bytes} exceeds the limit of {self.max_pdu_length} "
+                          "bytes")
 
 
 class NodeRequestHandler(RequestHandler):
-    """pynetdicom's request handler, with a :class:`FastAssociationSocket`."""
+    """pynetdicom's request handler, with a :class:`FastAssociationSocket` and the socket
+    timeout of ``dicom.network_timeout_s``."""
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
@@ -57,15 +133,24 @@ class NodeRequestHandler(RequestHandler):
             # Same object and state, one overridden method: no second socket, no second
             # transport-connected event in the state machine.
             sock.__class__ = FastAssociationSocket
+            fast = cast(FastAssociationSocket, sock)
+            fast.max_pdu_length = pdu_length_limit(self.ae.maximum_pdu_size)
+            fast.metrics = getattr(self.server, "node_metrics", None)
+        if sock is not None and sock.socket is not None:
+            # accept() drops the listener's timeout: without this a silent peer blocks the
+            # DUL thread in recv() for as long as it keeps the connection open.
+            sock.socket.settimeout(self.ae.network_timeout)
         return assoc
 
 
-def start_listener(ae: AE, address: tuple[str, int], evt_handlers: Sequence[Any]
-                   ) -> ThreadedAssociationServer:
-    """``AE.start_server(block=False)`` with our request handler."""
+def start_listener(ae: AE, address: tuple[str, int], evt_handlers: Sequence[Any],
+                   metrics: NodeMetrics | None = None) -> ThreadedAssociationServer:
+    """``AE.start_server(block=False)`` with our request handler; *metrics* counts the
+    protocol errors that the sockets detect."""
     server = ae.make_server(address, evt_handlers=list(evt_handlers),
                             server_class=ThreadedAssociationServer,
                             request_handler=NodeRequestHandler)
+    server.node_metrics = metrics  # type: ignore[attr-defined]  # read by NodeRequestHandler
     stamp = datetime.now().strftime("%Y%m%d%H%M%S")
     thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{stamp}",
                               daemon=True)
