@@ -18,6 +18,13 @@ Two rules protect the node from malformed or hostile peers (``docs/fuzzing.md``)
   allocate, and zero, 4 GiB. Buffers are also allocated as data arrives (at most
   :data:`RECV_CHUNK_BYTES` ahead of it), so memory follows what a peer really sends.
 
+- A P-DATA whose DIMSE command set does not decode (e.g. a CommandField of the wrong
+  length) made pynetdicom 3.0.4's decoder raise inside its state machine, outside the
+  reactor's error handling: the DUL thread died and the connection closed without an
+  A-ABORT. :class:`GuardedDIMSEServiceProvider` turns that into an invalid-PDU event
+  (Evt19), which sends the A-ABORT (PS3.8 9.2, AA-8) as pynetdicom does for the other
+  undecodable messages.
+
 Behaviour is otherwise pynetdicom's own.
 """
 
@@ -31,7 +38,9 @@ from typing import Any, cast
 
 from pynetdicom import AE
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from node.metrics import NodeMetrics
@@ -119,6 +128,26 @@ class FastAssociationSocket(AssociationSocket):
                           "bytes")
 
 
+class GuardedDIMSEServiceProvider(DIMSEServiceProvider):
+    """pynetdicom's DIMSE provider; a message that does not decode aborts the association
+    instead of killing the DUL thread."""
+
+    metrics: NodeMetrics | None = None
+
+    def receive_primitive(self, primitive: P_DATA) -> None:
+        """Collect a P-DATA fragment; Evt19 (A-ABORT) when the message does not decode."""
+        try:
+            super().receive_primitive(primitive)
+        except Exception as exc:  # pynetdicom's decoder raises many types on malformed input
+            self.message = None
+            if self.metrics is not None:
+                self.metrics.protocol_errors.labels(reason="bad_dimse_message").inc()
+            LOGGER.warning("protocol error from %s: DIMSE message does not decode (%s: %s); "
+                           "sending A-ABORT", self.assoc.requestor.address,
+                           type(exc).__name__, exc)
+            self.dul.event_queue.put("Evt19")  # invalid PDU: AA-8 sends the A-ABORT
+
+
 class NodeRequestHandler(RequestHandler):
     """pynetdicom's request handler, with a :class:`FastAssociationSocket` and the socket
     timeout of ``dicom.network_timeout_s``."""
@@ -136,6 +165,10 @@ class NodeRequestHandler(RequestHandler):
             fast = cast(FastAssociationSocket, sock)
             fast.max_pdu_length = pdu_length_limit(self.ae.maximum_pdu_size)
             fast.metrics = getattr(self.server, "node_metrics", None)
+        if type(assoc.dimse) is DIMSEServiceProvider:  # noqa: E721 - exactly the base class
+            assoc.dimse.__class__ = GuardedDIMSEServiceProvider
+            cast(GuardedDIMSEServiceProvider, assoc.dimse).metrics = getattr(
+                self.server, "node_metrics", None)
         if sock is not None and sock.socket is not None:
             # accept() drops the listener's timeout: without this a silent peer blocks the
             # DUL thread in recv() for as long as it keeps the connection open.

@@ -175,20 +175,22 @@ def _instance_rejection(ds: Dataset, config: SelectionConfig) -> str | None:
     return None
 
 
-def _read_headers(root: Path) -> tuple[list[_Instance], list[str]]:
-    instances, unreadable = [], []
+def _read_headers(root: Path) -> tuple[list[_Instance], list[str], str]:
+    """Instances, names of unreadable files, and the first unreadable file's reason."""
+    instances, unreadable, first_reason = [], [], ""
     for path in _iter_files(root):
         try:
             ds = read_dicom(path, stop_before_pixels=True)
         except UnreadableDicom as exc:
             LOGGER.info("skipping %s", exc)
             unreadable.append(path.name)
+            first_reason = first_reason or str(exc)
             continue
         if not ds.get("SeriesInstanceUID"):
             unreadable.append(path.name)
             continue
         instances.append(_Instance(path, ds))
-    return instances, unreadable
+    return instances, unreadable, first_reason
 
 
 def _head_check(ds: Dataset, config: SelectionConfig) -> str | None:
@@ -211,10 +213,10 @@ def select_series(instances_dir: Path, config: SelectionConfig) -> SelectionResu
 
     Raises :class:`SeriesRejected` naming every series and its reason when none qualifies.
     """
-    instances, unreadable = _read_headers(instances_dir)
+    instances, unreadable, first_reason = _read_headers(instances_dir)
     if not instances:
         raise SeriesRejected(f"no DICOM instances found in {instances_dir}" + (
-            f" ({len(unreadable)} file(s) are not readable DICOM, see the log)"
+            f" ({len(unreadable)} file(s) are not readable DICOM, e.g. {first_reason})"
             if unreadable else ""))
     by_series: dict[str, list[_Instance]] = defaultdict(list)
     for inst in instances:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from scipy import ndimage
 
 from pipeline.config import PipelineConfig, VolumeConfig
@@ -189,8 +190,34 @@ def _stored_to_hu(stored: np.ndarray, info: SliceInfo, px: _PixelHeader, config:
     return out, counts
 
 
+def _check_native_length(ds: Dataset) -> None:
+    """Native (uncompressed) Pixel Data must have the size that Rows, Columns,
+    SamplesPerPixel, NumberOfFrames and BitsAllocated give, plus at most the padding byte
+    to an even length (PS3.5 8.1.1); pydicom would decode a longer buffer with a warning,
+    from the wrong offsets when the header is wrong."""
+    syntax = UID(str(ds.file_meta.get("TransferSyntaxUID", ""))) if hasattr(
+        ds, "file_meta") else None
+    if not syntax or syntax.is_encapsulated or "PixelData" not in ds:
+        return
+    label = ds.get("SOPInstanceUID", "?")
+    sizes = [header_int(ds, k, d) for k, d in (("Rows", None), ("Columns", None),
+                                               ("SamplesPerPixel", 1), ("NumberOfFrames", 1),
+                                               ("BitsAllocated", None))]
+    if any(v is None or v < 1 for v in sizes):
+        raise VolumeError(f"{label}: Rows, Columns, SamplesPerPixel, NumberOfFrames and "
+                          "BitsAllocated must be positive integers (PS3.3 C.7.6.3)")
+    rows, cols, samples, frames, bits = (int(v or 0) for v in sizes)
+    expected = -(-rows * cols * samples * frames * bits // 8)
+    actual = len(ds.PixelData)
+    if actual not in (expected, expected + 1):
+        raise VolumeError(f"{label}: Pixel Data has {actual} bytes, the header implies "
+                          f"{expected} ({rows} x {cols} x {samples} x {frames} frames x "
+                          f"{bits} bits)")
+
+
 def _decode(ds: Dataset) -> np.ndarray:
     """All frames of ``ds`` as (frames, rows, cols) stored values."""
+    _check_native_length(ds)
     try:
         arr = ds.pixel_array
     except Exception as exc:  # pydicom raises many types: report the syntax and the cause

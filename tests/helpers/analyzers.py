@@ -63,3 +63,12 @@ def failing(series_dir: Path, config: Any) -> Results:
     from pipeline.errors import SeriesRejected
 
     raise SeriesRejected("test analyzer: this series breaks a selection rule")
+
+
+def volume_only(series_dir: Path, config: Any) -> Results:
+    """The real pipeline up to the volume (selection, sorting, HU volume), no models: the
+    path every malformed header goes through before inference."""
+    from pipeline.volume import load_volume
+
+    volume, selection = load_volume(Path(series_dir), config)
+    return Results([], {"slices": int(volume.hu.shape[0]), "series_uid": selection.series_uid})
