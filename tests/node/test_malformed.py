@@ -306,9 +306,9 @@ def _series(change: Callable[[Dataset], Dataset], series: str, n: int = 4) -> li
 
 STORED_THEN_FAILED = [
     # (name, change, the words the job's failure reason must contain)
-    ("wrong VR", None, "not readable DICOM"),
-    ("BitsAllocated 0", _set(BitsAllocated=0), "VolumeError"),
-    ("negative NumberOfFrames", _set(NumberOfFrames="-1"), "Error"),
+    ("wrong VR", None, "BytesLengthException"),
+    ("BitsAllocated 0", _set(BitsAllocated=0), "must be positive integers"),
+    ("negative NumberOfFrames", _set(NumberOfFrames="-1"), "must be positive integers"),
     ("missing ImagePositionPatient", _set(ImagePositionPatient=None), "ImagePositionPatient"),
     ("Rows x Columns smaller than the pixel data", _set(Rows=8, Columns=8),
      "Pixel Data has 512 bytes, the header implies 128"),
