@@ -349,3 +349,21 @@ def _wait_job(node: Node, series_uid: str) -> dict[str, object]:
 
     wait_until(finished, 60, what=f"the job of {series_uid}")
     return dict(node.db.query("SELECT * FROM jobs WHERE series_uid = ?", (series_uid,))[0])
+
+
+@pytest.mark.slow
+def test_real_analyzer_fails_the_job_of_a_malformed_series_and_goes_on(
+        make_node: Callable[..., Node]) -> None:
+    """The worker with the real pipeline (models loaded): a series whose Pixel Data is
+    longer than its header says fails with the rule; the worker stays up."""
+    node = make_node(analyzer="pipeline.analyze:Analyzer", dicom=FAST,
+                     pipeline={"selection": {"min_slices": 3}})
+    for i in range(4):
+        ds = _set(Rows=8, Columns=8)(_slice(i, 4, "40"))
+        assert _send_bytes(node.port, ds, _explicit(ds)) == 0x0000
+    job = _wait_job(node, UID_ROOT + "40")
+    assert job["state"] == "failed", job
+    assert str(job["error"]).startswith("VolumeError: ") and "Pixel Data has 512 bytes" in str(
+        job["error"])
+    assert node.worker is not None and node.worker.is_alive()
+    _assert_still_serving(node)
