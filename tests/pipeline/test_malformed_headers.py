@@ -129,6 +129,16 @@ def test_pixel_data_longer_than_the_header_says(tmp_path: Path) -> None:
         load_volume(folder, fuzzing.pipeline_config())
 
 
+def test_empty_pixel_data_element(tmp_path: Path) -> None:
+    """Found by bench/fuzz.py in the length check itself: an empty Pixel Data reads as None."""
+    def change(i: int, ds: Dataset) -> None:
+        ds.PixelData = b""
+        return None
+    folder = _write_series(tmp_path / "s", change)
+    with pytest.raises(VolumeError, match="Pixel Data has 0 bytes, the header implies 128"):
+        load_volume(folder, fuzzing.pipeline_config())
+
+
 def test_volume_too_large_for_memory_is_refused_before_allocating(tmp_path: Path) -> None:
     def change(i: int, ds: Dataset) -> None:
         ds.Rows = ds.Columns = 65535
