@@ -25,6 +25,12 @@ Two rules protect the node from malformed or hostile peers (``docs/fuzzing.md``)
   (Evt19), which sends the A-ABORT (PS3.8 9.2, AA-8) as pynetdicom does for the other
   undecodable messages.
 
+- When a peer's malformed PDU makes pynetdicom abort (Sta13, awaiting the close) while
+  the association thread is still answering the A-ASSOCIATE-RQ or a request, the late
+  local primitive (Evt7, Evt8, ...) raised InvalidEventError and killed the DUL thread
+  with a traceback on stderr. :class:`AbortTolerantStateMachine` drops such local
+  primitives in Sta13, as PS3.8's state table leaves nothing to do there but close.
+
 Behaviour is otherwise pynetdicom's own.
 """
 
@@ -39,6 +45,7 @@ from typing import Any, cast
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.fsm import TRANSITION_TABLE, StateMachine
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
@@ -148,6 +155,24 @@ class GuardedDIMSEServiceProvider(DIMSEServiceProvider):
             self.dul.event_queue.put("Evt19")  # invalid PDU: AA-8 sends the A-ABORT
 
 
+# Local user primitives (PS3.8 Table 9-10): A-ASSOCIATE response accept/reject, P-DATA
+# request, A-RELEASE request/response, A-ABORT request.
+_LOCAL_EVENTS = frozenset({"Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"})
+
+
+class AbortTolerantStateMachine(StateMachine):
+    """pynetdicom's state machine; a local primitive that arrives after the association
+    was aborted (Sta13) is dropped instead of killing the DUL thread."""
+
+    def do_action(self, event: str) -> None:
+        """Execute the action of *event*, or drop a late local primitive in Sta13."""
+        if (self.current_state == "Sta13" and event in _LOCAL_EVENTS
+                and (event, "Sta13") not in TRANSITION_TABLE):
+            LOGGER.info("association already aborted: late local %s dropped", event)
+            return
+        super().do_action(event)
+
+
 class NodeRequestHandler(RequestHandler):
     """pynetdicom's request handler, with a :class:`FastAssociationSocket` and the socket
     timeout of ``dicom.network_timeout_s``."""
@@ -165,6 +190,8 @@ class NodeRequestHandler(RequestHandler):
             fast = cast(FastAssociationSocket, sock)
             fast.max_pdu_length = pdu_length_limit(self.ae.maximum_pdu_size)
             fast.metrics = getattr(self.server, "node_metrics", None)
+        if type(assoc.dul.state_machine) is StateMachine:  # noqa: E721 - exactly the base
+            assoc.dul.state_machine.__class__ = AbortTolerantStateMachine
         if type(assoc.dimse) is DIMSEServiceProvider:  # noqa: E721 - exactly the base class
             assoc.dimse.__class__ = GuardedDIMSEServiceProvider
             cast(GuardedDIMSEServiceProvider, assoc.dimse).metrics = getattr(

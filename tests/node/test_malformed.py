@@ -367,3 +367,25 @@ def test_real_analyzer_fails_the_job_of_a_malformed_series_and_goes_on(
         job["error"])
     assert node.worker is not None and node.worker.is_alive()
     _assert_still_serving(node)
+
+
+def test_late_local_primitive_after_abort_is_dropped() -> None:
+    """Found by the PDU fuzz harness: the association thread's A-ASSOCIATE-AC (Evt7) came
+    after a malformed follow-up PDU had aborted the association (Sta13), and
+    pynetdicom's InvalidEventError killed the DUL thread."""
+    from pynetdicom.fsm import InvalidEventError, StateMachine
+
+    from node.transport import AbortTolerantStateMachine
+
+    plain = StateMachine(dul=None)  # type: ignore[arg-type]
+    plain.current_state = "Sta13"
+    with pytest.raises(InvalidEventError):
+        plain.do_action("Evt7")
+    tolerant = AbortTolerantStateMachine(dul=None)  # type: ignore[arg-type]
+    tolerant.current_state = "Sta13"
+    for event in ("Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"):
+        tolerant.do_action(event)
+    assert tolerant.current_state == "Sta13"
+    tolerant.current_state = "Sta1"
+    with pytest.raises(InvalidEventError):  # elsewhere pynetdicom's rules apply
+        tolerant.do_action("Evt7")
