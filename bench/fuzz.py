@@ -144,6 +144,7 @@ class Harness:
     def close(self) -> None:
         if self.name == "pdu":
             self.target.check_serving()
+            self.target.close()
             self.node.stop()
         else:
             self.target.close()

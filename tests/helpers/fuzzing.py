@@ -32,6 +32,7 @@ import shutil
 import socket
 import struct
 import tempfile
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -621,8 +622,9 @@ class PduOutcome:
 
 class PduTarget:
     """Byte streams sent over TCP to a node listening on *port*; the node must close the
-    connection within *wait_s* after we stop sending, return its active associations to
-    zero and keep answering C-ECHO (checked every *echo_every* inputs)."""
+    connection within *wait_s* after we stop sending, no thread of the node may die of an
+    uncaught exception, its active associations must return to zero and it must keep
+    answering C-ECHO (checked every *echo_every* inputs). Call :meth:`close` at the end."""
 
     def __init__(self, port: int, active: Callable[[], int], wait_s: float = 10.0,
                  echo_every: int = 50) -> None:
@@ -632,6 +634,17 @@ class PduTarget:
         self.echo_every = echo_every
         self.count = 0
         self.answers: dict[str, int] = {}
+        self.thread_errors: list[str] = []
+        self._previous_hook = threading.excepthook
+        threading.excepthook = self._thread_died
+
+    def _thread_died(self, args: threading.ExceptHookArgs) -> None:
+        name = args.thread.name if args.thread else "?"
+        self.thread_errors.append(f"thread {name}: {args.exc_type.__name__}: {args.exc_value}")
+
+    def close(self) -> None:
+        """Restore the thread exception hook."""
+        threading.excepthook = self._previous_hook
 
     def run(self, stream: bytes) -> PduOutcome:
         """Send *stream*, half-close, read until the node closes. Raises on a broken
@@ -646,6 +659,8 @@ class PduTarget:
         if not outcome.closed:
             raise FuzzContractError(f"connection still open {self.wait_s} s after the peer "
                                     "stopped sending")
+        if self.thread_errors:
+            raise FuzzContractError("; ".join(self.thread_errors))
         kind = {0x02: "A-ASSOCIATE-AC", 0x03: "A-ASSOCIATE-RJ", 0x04: "P-DATA",
                 0x06: "A-RELEASE-RP", 0x07: "A-ABORT"}.get(
                     outcome.answer[0] if outcome.answer else -1, "closed")
@@ -678,6 +693,8 @@ class PduTarget:
             time.sleep(0.01)
         if self.active():
             raise FuzzContractError(f"{self.active()} associations still active")
+        if self.thread_errors:
+            raise FuzzContractError("; ".join(self.thread_errors))
         from pynetdicom import AE
         from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 

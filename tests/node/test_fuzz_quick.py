@@ -31,8 +31,11 @@ def test_node_survives_malformed_pdu_streams(make_node: Callable[..., Node]) -> 
         return sum(1 for a in node.ae.active_associations if a.is_acceptor)
 
     target = fuzzing.PduTarget(node.port, active, wait_s=10.0, echo_every=25)
-    for choices in fuzzing.iterate(seed=9, count=100):
-        target.run(fuzzing.mutate_pdus(choices))
-    target.check_serving()
+    try:
+        for choices in fuzzing.iterate(seed=9, count=100):
+            target.run(fuzzing.mutate_pdus(choices))
+        target.check_serving()
+    finally:
+        target.close()
     assert sum(target.answers.values()) == 100
     assert target.answers.get("A-ABORT")
