@@ -42,6 +42,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 RAW_MODE = 0x80  # first byte >= this: the rest of the input is used as it is
+REPORT_EVERY = 1000  # inputs between progress lines
 
 
 def seed_corpus(harness: str) -> list[bytes]:
@@ -74,6 +75,7 @@ class Harness:
         self.fz = fuzzing
         self.provider = provider
         self.inputs = 0
+        self.started = time.monotonic()
         self.node: Any = None
         self._tmp = tempfile.TemporaryDirectory(prefix="ich-fuzz-")
         if name == "store":
@@ -100,6 +102,8 @@ class Harness:
 
     def __call__(self, data: bytes) -> None:
         self.inputs += 1
+        if self.inputs % REPORT_EVERY == 0:  # libFuzzer's normal exit skips atexit
+            self.report()
         if not data:
             return
         raw = data[0] >= RAW_MODE
@@ -133,6 +137,13 @@ class Harness:
         meta = encode_file_meta(str(ds.SOPClassUID), str(ds.SOPInstanceUID), syntax,
                                 self.fz.FUZZ_ROOT + "0", "FUZZ")
         return bytes(PREAMBLE + meta + (self.fz.encode(ds, syntax) if data is None else data))
+
+    def report(self) -> None:
+        """One line: inputs so far, rate and outcomes."""
+        seconds = time.monotonic() - self.started
+        print(f"harness {self.name}: {self.inputs} inputs in {seconds:.0f} s "
+              f"({self.inputs / max(seconds, 1e-9):.0f}/s); outcomes {self.outcomes()}",
+              flush=True)
 
     def outcomes(self) -> dict[str, int]:
         if self.name == "store":
@@ -189,16 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     corpus = args.corpus or Path(tempfile.mkdtemp(prefix=f"ich-fuzz-corpus-{args.harness}-"))
     if not any(corpus.glob("*")):
         write_corpus(args.harness, corpus)
-    started = time.monotonic()
     import atexit
 
-    def report() -> None:
-        seconds = time.monotonic() - started
-        print(f"\nharness {args.harness}: {harness.inputs} inputs in {seconds:.0f} s "
-              f"({harness.inputs / max(seconds, 1e-9):.0f}/s); outcomes {harness.outcomes()}",
-              flush=True)
-
-    atexit.register(report)
+    atexit.register(harness.report)  # after a crash (the normal exit skips atexit)
     atheris.Setup([sys.argv[0], f"-runs={args.runs}", f"-seed={args.seed}",
                    "-rss_limit_mb=8192", "-timeout=60", "-max_len=65536",
                    "-print_final_stats=1", str(corpus)], harness)
