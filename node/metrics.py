@@ -68,7 +68,8 @@ class NodeMetrics:
         self.protocol_errors = Counter(
             f"{PREFIX}_protocol_errors", "Inbound connections ended by a protocol error, by "
             "reason: pdu_too_large, read_timeout (a silent peer in the middle of a PDU), "
-            "bad_dimse_message (a command set that does not decode), aborted (an established "
+            "bad_dimse_message (a command set that does not decode), bad_pdu (a PDU that "
+            "pynetdicom cannot process), aborted (an established "
             "association ended in A-ABORT)", ["reason"], registry=r)
         self.late_instances = Counter(
             f"{PREFIX}_late_instances", "Instances for a series already queued or analysed",

@@ -29,7 +29,9 @@ Two rules protect the node from malformed or hostile peers (``docs/fuzzing.md``)
   the association thread is still answering the A-ASSOCIATE-RQ or a request, the late
   local primitive (Evt7, Evt8, ...) raised InvalidEventError and killed the DUL thread
   with a traceback on stderr. :class:`AbortTolerantStateMachine` drops such local
-  primitives in Sta13, as PS3.8's state table leaves nothing to do there but close.
+  primitives in Sta13, as PS3.8's state table leaves nothing to do there but close. It
+  also turns a failing action on a received PDU (a P-DATA with an even presentation
+  context ID raised ValueError in ``to_primitive``) into an A-ABORT.
 
 Behaviour is otherwise pynetdicom's own.
 """
@@ -160,17 +162,51 @@ class GuardedDIMSEServiceProvider(DIMSEServiceProvider):
 _LOCAL_EVENTS = frozenset({"Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"})
 
 
+# Events raised by a PDU received from the peer (PS3.8 Table 9-10).
+_PEER_EVENTS = frozenset({"Evt3", "Evt4", "Evt6", "Evt10", "Evt12", "Evt13", "Evt16"})
+
+
 class AbortTolerantStateMachine(StateMachine):
     """pynetdicom's state machine; a local primitive that arrives after the association
-    was aborted (Sta13) is dropped instead of killing the DUL thread."""
+    was aborted (Sta13) is dropped, and a received PDU whose action fails (e.g. a P-DATA
+    with an even presentation context ID) aborts the association, instead of killing the
+    DUL thread."""
+
+    metrics: NodeMetrics | None = None
 
     def do_action(self, event: str) -> None:
-        """Execute the action of *event*, or drop a late local primitive in Sta13."""
+        """Execute the action of *event*; see the class docstring for the exceptions."""
         if (self.current_state == "Sta13" and event in _LOCAL_EVENTS
                 and (event, "Sta13") not in TRANSITION_TABLE):
             LOGGER.info("association already aborted: late local %s dropped", event)
             return
-        super().do_action(event)
+        try:
+            super().do_action(event)
+        except Exception as exc:  # pynetdicom raises many types on malformed PDUs
+            if event not in _PEER_EVENTS:
+                raise
+            self._abort(event, exc)
+
+    def _abort(self, event: str, exc: Exception) -> None:
+        """What pynetdicom's reactor does for its own errors: A-ABORT, end the association
+        (the state machine has already stopped the DUL thread)."""
+        assoc = self.dul.assoc
+        if self.metrics is not None:
+            self.metrics.protocol_errors.labels(reason="bad_pdu").inc()
+        LOGGER.warning("protocol error from %s: a received PDU (%s in %s) could not be "
+                       "processed (%s: %s); sending A-ABORT", assoc.requestor.address, event,
+                       self.current_state, type(exc).__name__, exc)
+        pdu = A_ABORT_RQ()
+        pdu.source = ABORT_SOURCE_PROVIDER
+        pdu.reason_diagnostic = ABORT_INVALID_PDU_PARAMETER
+        try:
+            if self.dul.socket is not None:
+                self.dul.socket.send(pdu.encode())
+        except OSError as send_error:  # the peer may be gone; the association ends anyway
+            LOGGER.info("A-ABORT to %s not sent: %s", assoc.requestor.address, send_error)
+        assoc.is_aborted = True
+        assoc.is_established = False
+        assoc._kill = True
 
 
 class NodeRequestHandler(RequestHandler):
@@ -192,6 +228,8 @@ class NodeRequestHandler(RequestHandler):
             fast.metrics = getattr(self.server, "node_metrics", None)
         if type(assoc.dul.state_machine) is StateMachine:  # noqa: E721 - exactly the base
             assoc.dul.state_machine.__class__ = AbortTolerantStateMachine
+            cast(AbortTolerantStateMachine, assoc.dul.state_machine).metrics = getattr(
+                self.server, "node_metrics", None)
         if type(assoc.dimse) is DIMSEServiceProvider:  # noqa: E721 - exactly the base class
             assoc.dimse.__class__ = GuardedDIMSEServiceProvider
             cast(GuardedDIMSEServiceProvider, assoc.dimse).metrics = getattr(

@@ -163,6 +163,21 @@ def test_malformed_command_set_aborts_the_association(make_node: Callable[..., N
     _assert_still_serving(node)
 
 
+def test_even_presentation_context_id_aborts_the_association(
+        make_node: Callable[..., Node]) -> None:
+    """Found by the PDU fuzz harness: an A-ASSOCIATE-RQ whose presentation context ID is
+    even made pynetdicom raise ValueError inside its state machine; the DUL thread died
+    with a traceback and no A-ABORT was sent."""
+    node = make_node(dicom=FAST)
+    rq = bytearray(fuzzing.associate_rq())
+    pos = rq.index(b"\x20\x00", 74)  # the presentation context item
+    rq[pos + 4] = 0x60  # context ID 96: PS3.8 9.3.2.2 wants an odd number
+    answer, closed = _raw(node.port, bytes(rq), half_close=False)
+    assert answer[:10] == b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x06" and closed
+    assert _metric(node, "ich_node_protocol_errors_total", reason="bad_pdu") == 1
+    _assert_still_serving(node)
+
+
 # ----------------------------------------------------------------- C-STORE of odd data sets
 
 
