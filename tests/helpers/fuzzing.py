@@ -684,6 +684,11 @@ class PduTarget:
                 return PduOutcome(bytes(answer[:64]), True)
             if len(answer) < 64:
                 answer += chunk
+            if len(answer) >= 10 and answer[0] in (0x03, 0x07):
+                # A-ASSOCIATE-RJ or A-ABORT: the node waits (ARTIM) for us to close (PS3.8
+                # 9.2, Sta13), as a well-behaved peer does; check_serving() then checks that
+                # the association is gone
+                return PduOutcome(bytes(answer[:64]), True)
         return PduOutcome(bytes(answer[:64]), False)
 
     def check_serving(self) -> None:
