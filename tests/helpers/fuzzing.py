@@ -612,6 +612,15 @@ def mutate_pdus(choices: Choices) -> bytes:
     return bytes(buf)
 
 
+def _first_pdu(stream: bytes) -> tuple[bytes, bytes]:
+    """(the first PDU, the rest) when *stream* starts with a whole A-ASSOCIATE-RQ; else
+    (stream, b"")."""
+    if len(stream) < 6 or stream[0] != 0x01:
+        return stream, b""
+    end = 6 + struct.unpack(">I", stream[2:6])[0]
+    return (stream[:end], stream[end:]) if end < len(stream) else (stream, b"")
+
+
 @dataclass
 class PduOutcome:
     """What the node did with one PDU stream."""
@@ -649,13 +658,21 @@ class PduTarget:
     def run(self, stream: bytes) -> PduOutcome:
         """Send *stream*, half-close, read until the node closes. Raises on a broken
         contract."""
+        first, rest = _first_pdu(stream)
         with socket.create_connection(("127.0.0.1", self.port), timeout=self.wait_s) as sock:
+            early = b""
             try:
-                sock.sendall(stream)
+                sock.sendall(first)
+                if rest:  # as a requestor does: wait for the A-ASSOCIATE answer first
+                    early = self._answer(sock)
+                    if early[:1] == b"\x02":
+                        sock.sendall(rest)
                 sock.shutdown(socket.SHUT_WR)
             except OSError:
                 pass  # the node may close on a bad first PDU before we finish: fine
             outcome = self._read(sock)
+            if early:
+                outcome = PduOutcome(early[:64], outcome.closed or early[:1] != b"\x02")
         if not outcome.closed:
             raise FuzzContractError(f"connection still open {self.wait_s} s after the peer "
                                     "stopped sending")
@@ -669,6 +686,17 @@ class PduTarget:
         if self.count % self.echo_every == 0:
             self.check_serving()
         return outcome
+
+    def _answer(self, sock: socket.socket) -> bytes:
+        """The node's first PDU (b"" when it closes first)."""
+        head = b""
+        while len(head) < 6:
+            chunk = sock.recv(6 - len(head))
+            if not chunk:
+                return head
+            head += chunk
+        length = struct.unpack(">I", head[2:6])[0]
+        return head + sock.recv(min(length, 65536), socket.MSG_WAITALL)
 
     def _read(self, sock: socket.socket) -> PduOutcome:
         answer = bytearray()
