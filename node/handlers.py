@@ -282,6 +282,13 @@ def handle_released(event: evt.Event, assembler: SeriesAssembler) -> None:
     assembler.association_ended(id(event.assoc), released=True)
 
 
-def handle_aborted(event: evt.Event, assembler: SeriesAssembler) -> None:
-    """EVT_ABORTED / EVT_CONN_CLOSE: no early check; the quiet period decides."""
+def handle_aborted(event: evt.Event, assembler: SeriesAssembler,
+                   metrics: NodeMetrics | None = None) -> None:
+    """EVT_ABORTED / EVT_CONN_CLOSE: no early check; the quiet period decides. An A-ABORT
+    (from the peer, or pynetdicom's answer to a malformed PDU or DIMSE message) is counted
+    when *metrics* is given (the EVT_ABORTED binding)."""
+    if metrics is not None and event.event is evt.EVT_ABORTED:
+        metrics.protocol_errors.labels(reason="aborted").inc()
+        LOGGER.warning("association from %s at %s aborted", event.assoc.requestor.ae_title,
+                       event.assoc.requestor.address)
     assembler.association_ended(id(event.assoc), released=False)

@@ -72,6 +72,12 @@ class NodeMetrics:
         self.contexts_refused = Counter(
             f"{PREFIX}_presentation_contexts_refused", "Presentation contexts refused at "
             "negotiation (SOP classes we do not store)", registry=r)
+        self.protocol_errors = Counter(
+            f"{PREFIX}_protocol_errors", "Inbound connections ended by a protocol error, by "
+            "reason: pdu_too_large, read_timeout (a silent peer in the middle of a PDU), "
+            "bad_dimse_message (a command set that does not decode), bad_pdu (a PDU that "
+            "pynetdicom cannot process), aborted (an established "
+            "association ended in A-ABORT)", ["reason"], registry=r)
         self.late_instances = Counter(
             f"{PREFIX}_late_instances", "Instances for a series already queued or analysed",
             registry=r)

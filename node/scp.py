@@ -118,7 +118,7 @@ def start_server(config: NodeConfig, spool: Spool, assembler: SeriesAssembler,
         (evt.EVT_C_ECHO, handlers.handle_echo),
         (evt.EVT_C_STORE, handlers.handle_store, [spool, assembler, metrics, CT_SOP_CLASSES]),
         (evt.EVT_RELEASED, handlers.handle_released, [assembler]),
-        (evt.EVT_ABORTED, handlers.handle_aborted, [assembler]),
+        (evt.EVT_ABORTED, handlers.handle_aborted, [assembler, metrics]),
         (evt.EVT_CONN_CLOSE, handlers.handle_aborted, [assembler]),
     ]
     if commitment is not None:
@@ -128,11 +128,12 @@ def start_server(config: NodeConfig, spool: Spool, assembler: SeriesAssembler,
     listeners = Listeners(ae, None, None)
     try:
         if tls.plain_listener or not tls.enabled:
-            listeners.plain = start_listener(ae, (config.dicom.host, config.dicom.port), bindings)
+            listeners.plain = start_listener(ae, (config.dicom.host, config.dicom.port), bindings,
+                                             metrics=metrics)
         if ssl_context is not None:
             listeners.tls = start_listener(ae, (config.dicom.host, tls.port), bindings,
                                            ssl_context, tls.handshake_timeout_s,
-                                           _count_tls_failure(metrics))
+                                           _count_tls_failure(metrics), metrics)
     except BaseException:
         listeners.shutdown()
         raise

@@ -18,6 +18,11 @@ class VolumeError(PipelineError):
     """The slices of a series cannot be assembled into one volume."""
 
 
+class UnreadableDicom(PipelineError):
+    """A file is not DICOM, or one of its elements does not parse (wrong VR, length or
+    value); selection skips it, volume building fails on it."""
+
+
 class InferenceError(PipelineError):
     """The models could not be loaded or run."""
 

@@ -27,12 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
 from pipeline.config import SelectionConfig
-from pipeline.errors import PipelineError, SeriesRejected
+from pipeline.errors import PipelineError, SeriesRejected, UnreadableDicom
+from pipeline.headers import header_int, read_dicom
 from pipeline.sorting import (
     SliceInfo,
     describe_stack,
@@ -176,20 +175,22 @@ def _instance_rejection(ds: Dataset, config: SelectionConfig) -> str | None:
     return None
 
 
-def _read_headers(root: Path) -> tuple[list[_Instance], list[str]]:
-    instances, unreadable = [], []
+def _read_headers(root: Path) -> tuple[list[_Instance], list[str], str]:
+    """Instances, names of unreadable files, and the first unreadable file's reason."""
+    instances, unreadable, first_reason = [], [], ""
     for path in _iter_files(root):
         try:
-            ds = dcmread(path, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, ValueError) as exc:
-            LOGGER.info("skipping %s: not a readable DICOM file (%s)", path.name, exc)
+            ds = read_dicom(path, stop_before_pixels=True)
+        except UnreadableDicom as exc:
+            LOGGER.info("skipping %s", exc)
             unreadable.append(path.name)
+            first_reason = first_reason or str(exc)
             continue
         if not ds.get("SeriesInstanceUID"):
             unreadable.append(path.name)
             continue
         instances.append(_Instance(path, ds))
-    return instances, unreadable
+    return instances, unreadable, first_reason
 
 
 def _head_check(ds: Dataset, config: SelectionConfig) -> str | None:
@@ -212,9 +213,11 @@ def select_series(instances_dir: Path, config: SelectionConfig) -> SelectionResu
 
     Raises :class:`SeriesRejected` naming every series and its reason when none qualifies.
     """
-    instances, unreadable = _read_headers(instances_dir)
+    instances, unreadable, first_reason = _read_headers(instances_dir)
     if not instances:
-        raise SeriesRejected(f"no DICOM instances found in {instances_dir}")
+        raise SeriesRejected(f"no DICOM instances found in {instances_dir}" + (
+            f" ({len(unreadable)} file(s) are not readable DICOM, e.g. {first_reason})"
+            if unreadable else ""))
     by_series: dict[str, list[_Instance]] = defaultdict(list)
     for inst in instances:
         by_series[str(inst.ds.SeriesInstanceUID)].append(inst)
@@ -284,7 +287,7 @@ def select_series(instances_dir: Path, config: SelectionConfig) -> SelectionResu
                 series_uid=series_uid,
                 study_uid=str(ds0.get("StudyInstanceUID", "")),
                 description=description,
-                series_number=int(ds0.get("SeriesNumber", 0) or 0),
+                series_number=header_int(ds0, "SeriesNumber", 0) or 0,
                 stack=stack,
                 instances={s.path: by_path[s.path] for s in stack},
                 original=bool(itype) and itype[0] == "ORIGINAL",

@@ -146,6 +146,21 @@ def _floats(value: Any, n: int, what: str, label: str) -> tuple[float, ...]:
     return out
 
 
+def _required_number(value: Any, kind: type[int] | type[float], default: float, what: str,
+                     label: str) -> Any:
+    """*value* as an int or finite float (*default* when absent or empty); VolumeError when
+    it is there but not one number (e.g. multi-valued, or text)."""
+    if value is None or value == "":
+        return kind(default)
+    try:
+        number = kind(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise VolumeError(f"{label}: {what} is not a single number ({value!r:.80})") from exc
+    if not math.isfinite(number):
+        raise VolumeError(f"{label}: {what} must be finite, got {value!r:.80}")
+    return number
+
+
 def _opt_int(value: Any) -> int | None:
     try:
         return None if value is None or value == "" else int(value)
@@ -186,8 +201,8 @@ def slices_from_dataset(ds: Dataset, path: Path) -> list[SliceInfo]:
     common: dict[str, Any] = {
         "path": path,
         "sop_uid": sop,
-        "rows": int(ds.get("Rows", 0) or 0),
-        "cols": int(ds.get("Columns", 0) or 0),
+        "rows": _required_number(ds.get("Rows"), int, 0, "Rows", label),
+        "cols": _required_number(ds.get("Columns"), int, 0, "Columns", label),
         "acquisition_number": _opt_int(ds.get("AcquisitionNumber")),
         "instance_number": _opt_int(ds.get("InstanceNumber")),
         "created": f"{ds.get('InstanceCreationDate', '')}{ds.get('InstanceCreationTime', '')}",
@@ -208,14 +223,16 @@ def slices_from_dataset(ds: Dataset, path: Path) -> list[SliceInfo]:
                     ds.ImageOrientationPatient, 6, "ImageOrientationPatient", label)),
                 pixel_spacing=cast(tuple[float, float], _floats(
                     ds.PixelSpacing, 2, "PixelSpacing", label)),
-                slope=float(ds.get("RescaleSlope", 1.0) or 1.0),
-                intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0),
+                slope=_required_number(ds.get("RescaleSlope"), float, 1.0, "RescaleSlope",
+                                       label) or 1.0,
+                intercept=_required_number(ds.get("RescaleIntercept"), float, 0.0,
+                                           "RescaleIntercept", label),
                 thickness=_opt_float(ds.get("SliceThickness")),
                 content=content,
                 **common,
             )
         ]
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    n_frames = _required_number(ds.get("NumberOfFrames"), int, 1, "NumberOfFrames", label) or 1
     if len(per_frame_seq) != n_frames:
         raise VolumeError(
             f"{label}: {len(per_frame_seq)} per-frame functional groups for {n_frames} frames")
@@ -242,8 +259,8 @@ def slices_from_dataset(ds: Dataset, path: Path) -> list[SliceInfo]:
                     ori.get("ImageOrientationPatient"), 6, "ImageOrientationPatient", flabel)),
                 pixel_spacing=cast(tuple[float, float], _floats(
                     meas.get("PixelSpacing"), 2, "PixelSpacing", flabel)),
-                slope=float(slope if slope not in (None, "") else 1.0),
-                intercept=float(intercept if intercept not in (None, "") else 0.0),
+                slope=_required_number(slope, float, 1.0, "RescaleSlope", flabel) or 1.0,
+                intercept=_required_number(intercept, float, 0.0, "RescaleIntercept", flabel),
                 thickness=_opt_float(meas.get("SliceThickness")),
                 content=str(fc.get("FrameAcquisitionDateTime", "")) if fc else content,
                 **common,

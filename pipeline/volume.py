@@ -22,17 +22,22 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
-from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
 from scipy import ndimage
 
 from pipeline.config import PipelineConfig, VolumeConfig
-from pipeline.errors import PipelineError, VolumeError, print_error
+from pipeline.errors import PipelineError, UnreadableDicom, VolumeError, print_error
+from pipeline.headers import header_int, read_dicom
 from pipeline.selection import SelectionResult, select_series
 from pipeline.sorting import SliceInfo, StackPlan, plan_stack, slices_from_dataset
 
 LOGGER = logging.getLogger(__name__)
+
+# The largest stack of source slices we allocate (float32 voxels, 8 GiB): a head CT of
+# 512 x 512 x 1000 is 2.6e8. Bigger means the header's Rows, Columns or slice count are
+# wrong (the pixel data are checked against them only while decoding).
+MAX_SOURCE_VOXELS = 2**31
 
 
 @dataclass
@@ -101,13 +106,23 @@ class _PixelHeader:
 
 
 def _pixel_header(ds: Dataset) -> _PixelHeader:
-    pr = int(ds.get("PixelRepresentation", 0) or 0)
-    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16)
-    ppv = ds.get("PixelPaddingValue")
+    label = str(ds.get("SOPInstanceUID", "?"))
+
+    def integer(keyword: str, default: int) -> int:
+        value = header_int(ds, keyword)
+        if value is None and ds.get(keyword) not in (None, ""):
+            raise VolumeError(f"{label}: {keyword} is not an integer ({ds.get(keyword)!r:.80})")
+        return default if value is None else value
+
+    pr = integer("PixelRepresentation", 0)
+    bits = integer("BitsStored", integer("BitsAllocated", 16)) or 16
+    if not 1 <= bits <= 32:
+        raise VolumeError(f"{label}: BitsStored {bits} is outside 1-32 (PS3.3 C.7.6.3)")
     padding = None
-    if ppv is not None:
-        lim = ds.get("PixelPaddingRangeLimit", ppv)
-        padding = (min(int(ppv), int(lim)), max(int(ppv), int(lim)))
+    if ds.get("PixelPaddingValue") is not None:
+        ppv = integer("PixelPaddingValue", 0)
+        lim = integer("PixelPaddingRangeLimit", ppv)
+        padding = (min(ppv, lim), max(ppv, lim))
     ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
     return _PixelHeader(pr, bits, str(ds.get("PhotometricInterpretation", "MONOCHROME2")),
                         padding, ts)
@@ -115,9 +130,9 @@ def _pixel_header(ds: Dataset) -> _PixelHeader:
 
 def _read(path: Path) -> tuple[Dataset, list[SliceInfo]]:
     try:
-        ds = dcmread(path)
-    except (InvalidDicomError, OSError) as exc:
-        raise VolumeError(f"{path.name}: not a readable DICOM file ({exc})") from exc
+        ds = read_dicom(path)
+    except UnreadableDicom as exc:
+        raise VolumeError(str(exc)) from exc
     if "PixelData" not in ds:
         raise VolumeError(f"{path.name}: has no Pixel Data")
     return ds, slices_from_dataset(ds, path)
@@ -175,8 +190,34 @@ def _stored_to_hu(stored: np.ndarray, info: SliceInfo, px: _PixelHeader, config:
     return out, counts
 
 
+def _check_native_length(ds: Dataset) -> None:
+    """Native (uncompressed) Pixel Data must have the size that Rows, Columns,
+    SamplesPerPixel, NumberOfFrames and BitsAllocated give, plus at most the padding byte
+    to an even length (PS3.5 8.1.1); pydicom would decode a longer buffer with a warning,
+    from the wrong offsets when the header is wrong."""
+    syntax = UID(str(ds.file_meta.get("TransferSyntaxUID", ""))) if hasattr(
+        ds, "file_meta") else None
+    if not syntax or syntax.is_encapsulated or "PixelData" not in ds:
+        return
+    label = ds.get("SOPInstanceUID", "?")
+    sizes = [header_int(ds, k, d) for k, d in (("Rows", None), ("Columns", None),
+                                               ("SamplesPerPixel", 1), ("NumberOfFrames", 1),
+                                               ("BitsAllocated", None))]
+    if any(v is None or v < 1 for v in sizes):
+        raise VolumeError(f"{label}: Rows, Columns, SamplesPerPixel, NumberOfFrames and "
+                          "BitsAllocated must be positive integers (PS3.3 C.7.6.3)")
+    rows, cols, samples, frames, bits = (int(v or 0) for v in sizes)
+    expected = -(-rows * cols * samples * frames * bits // 8)
+    actual = len(ds.PixelData or b"")  # an empty element reads as None
+    if actual not in (expected, expected + 1):
+        raise VolumeError(f"{label}: Pixel Data has {actual} bytes, the header implies "
+                          f"{expected} ({rows} x {cols} x {samples} x {frames} frames x "
+                          f"{bits} bits)")
+
+
 def _decode(ds: Dataset) -> np.ndarray:
     """All frames of ``ds`` as (frames, rows, cols) stored values."""
+    _check_native_length(ds)
     try:
         arr = ds.pixel_array
     except Exception as exc:  # pydicom raises many types: report the syntax and the cause
@@ -218,6 +259,10 @@ def build_volume(files: Sequence[Path], config: VolumeConfig) -> Volume:
 
     # Decode the files that hold kept slices, one task per file, into the source stack.
     rows, cols = plan.sources[0].rows, plan.sources[0].cols
+    if rows < 1 or cols < 1 or len(plan.sources) * rows * cols > MAX_SOURCE_VOXELS:
+        raise VolumeError(f"{plan.sources[0].label}: {len(plan.sources)} slices of {rows} x "
+                          f"{cols} (Rows x Columns) is not a volume we can build (at most "
+                          f"{MAX_SOURCE_VOXELS} voxels)")
     src = np.empty((len(plan.sources), rows, cols), dtype=np.float32)
     by_file: dict[Path, list[tuple[int, SliceInfo]]] = defaultdict(list)
     for k, s in enumerate(plan.sources):

@@ -140,3 +140,12 @@ def gated(series_dir: Path, config: Any) -> Results:
             raise TimeoutError(f"test gate {gate} still closed after 120 s")
         time.sleep(0.05)
     return summary(series_dir, config)
+
+
+def volume_only(series_dir: Path, config: Any) -> Results:
+    """The real pipeline up to the volume (selection, sorting, HU volume), no models: the
+    path every malformed header goes through before inference."""
+    from pipeline.volume import load_volume
+
+    volume, selection = load_volume(Path(series_dir), config)
+    return Results([], {"slices": int(volume.hu.shape[0]), "series_uid": selection.series_uid})

@@ -154,6 +154,9 @@ def test_library_messages_that_quote_values_are_withheld(
     root = logging.getLogger()
     saved = (root.level, list(root.handlers))
     try:
+        # An earlier test may have left logging's capture half on (its saved showwarning set
+        # while pytest restored its own): start from a clean state, as a node process does.
+        logging.captureWarnings(False)
         setup_logging(LoggingConfig(level="DEBUG", format="text"))
         logging.getLogger("pydicom").warning("Invalid value for VR DA: '1937-04-12'.")
         with warnings.catch_warnings():
