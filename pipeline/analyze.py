@@ -73,6 +73,22 @@ class Analyzer:
 
         self.config = config
         self.models = load_models(config.models)
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One pass of both networks on a small air volume and the import of the result
+        writers, so that the first real series is not also the slowest: the first call of
+        each torch operator and the highdicom import cost seconds (bench/latency.py,
+        "cold")."""
+        import numpy as np
+
+        from pipeline.inference import predict
+        from sr_writer import results  # noqa: F401  (imports highdicom once, here)
+
+        t0 = time.perf_counter()
+        predict(np.full((3, 64, 64), -1000.0, np.float32), self.models,
+                self.config.models.batch_size)
+        LOGGER.info("models warmed up in %.2f s", time.perf_counter() - t0)
 
     def __call__(self, series_dir: Path, config: PipelineConfig | None = None) -> Results:
         """Analyse the CT series in *series_dir*; raises a PipelineError naming the rule
