@@ -72,14 +72,17 @@ class SeriesAssembler:
                 self._schedule(uid, grace, early=True)
 
     def resume(self) -> int:
-        """Start-up: schedule a check for every series left ``receiving``."""
-        rows = self.jobs.db.query("SELECT series_uid, calling_ae, last_received_at FROM series"
+        """Start-up: schedule a check for every series left ``receiving``, a whole quiet
+        period from now. Silence while the node was down says nothing about whether the
+        series is complete (its sender could not reach us); counting the downtime made a
+        series cut by a crash into a job before the sender could send the rest."""
+        rows = self.jobs.db.query("SELECT series_uid, calling_ae FROM series"
                                   " WHERE state = 'receiving'")
         for row in rows:
-            remaining = row["last_received_at"] + self.config.quiet_for(row["calling_ae"]) - now()
             with self._lock:
                 self._armed.add(row["series_uid"])
-            self._schedule(row["series_uid"], max(0.0, remaining), early=False)
+            self._schedule(row["series_uid"], self.config.quiet_for(row["calling_ae"]),
+                           early=False)
         if rows:
             LOGGER.info("resumed assembly of %d series", len(rows))
         return len(rows)

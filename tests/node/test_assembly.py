@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from node.app import Node
+from node.assembler import SeriesAssembler
+from node.config import AssemblyConfig
+from node.db import StateDB
+from node.jobs import SqliteJobQueue
+from node.metrics import NodeMetrics
+from node.spool import DiskSpool, InstanceHeader
 from tests.helpers.ctseries import write_series
 from tests.helpers.net import pynetdicom_send, wait_until
 
@@ -80,3 +87,29 @@ def test_late_instance_without_rerun_is_stored_and_logged(
     assert _jobs(node) == [("done", 2)]
     assert "stored but not analysed" in caplog.text
     assert len(node.db.query("SELECT * FROM instances")) == 3
+
+
+class _RecordingScheduler:
+    """Stands in for apscheduler: records when each check would run."""
+
+    def __init__(self) -> None:
+        self.run_dates: dict[str, datetime] = {}
+
+    def add_job(self, func: object, trigger: str, run_date: datetime, id: str,
+                **kwargs: object) -> None:
+        self.run_dates[id] = run_date
+
+
+def test_resume_after_downtime_waits_a_whole_quiet_period(tmp_path: Path) -> None:
+    """Regression (fault trials): a series cut by a crash was made a job at once on restart
+    when the downtime exceeded the quiet period, before its sender could send the rest."""
+    db = StateDB(tmp_path)
+    spool = DiskSpool(tmp_path, db)
+    spool.record(InstanceHeader("1.2.3.4.1", "1.2.840.10008.5.1.4.1.1.2", "1.2.3", "1.2.3.4"),
+                 tmp_path / "x.dcm", 1, "CT", received_at=time.time() - 3600)
+    scheduler = _RecordingScheduler()
+    assembler = SeriesAssembler(scheduler, SqliteJobQueue(db),  # type: ignore[arg-type]
+                                AssemblyConfig(quiet_seconds=20.0), NodeMetrics())
+    before = datetime.now()
+    assert assembler.resume() == 1
+    assert scheduler.run_dates["series:1.2.3.4"] >= before + timedelta(seconds=20)
