@@ -77,17 +77,20 @@ class NodeProcess:
                 cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True)
         self.starts += 1
-        wait_until(self._echo_ok, timeout_s,
+        wait_until(self._started, timeout_s,
                    what=f"node on port {self.port}\n{self.log_text()[-4000:]}")
 
     def alive(self) -> bool:
         """Whether the node process runs."""
         return self.proc is not None and self.proc.poll() is None
 
-    def _echo_ok(self) -> bool:
+    def _started(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
-            raise AssertionError(f"node exited with {self.proc.returncode}\n"
+            raise AssertionError(f"node exited with {self.proc.returncode} at start\n"
                                  f"{self.log_text()[-4000:]}")
+        return self._echo_ok()
+
+    def _echo_ok(self) -> bool:
         ae = AE(ae_title="PROBE")
         ae.add_requested_context("1.2.840.10008.1.1")
         assoc = ae.associate("127.0.0.1", self.port, ae_title="ICH_NODE")
