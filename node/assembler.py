@@ -12,6 +12,7 @@ schedules every series that was still receiving.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -119,8 +120,17 @@ class SeriesAssembler:
         if idle + _EPSILON_S < threshold:
             self._schedule(series_uid, threshold - idle, early)
             return None
+        try:
+            job_id = self.jobs.create_for_series(series_uid)
+        except (sqlite3.Error, OSError) as exc:
+            # E.g. a full disk: the series stays receiving and is checked again (nothing else
+            # would arm it when every instance is already here).
+            self.metrics.assembly_errors.inc()
+            LOGGER.error("series %s: cannot queue its job (%s: %s); trying again in %.1f s",
+                         series_uid, type(exc).__name__, exc, quiet)
+            self._schedule(series_uid, quiet, early=False)
+            return None
         self._disarm(series_uid)
-        job_id = self.jobs.create_for_series(series_uid)
         if job_id is not None:
             self.metrics.series_completed.inc()
             LOGGER.info("series %s quiet for %.1f s (%s): job %d", series_uid, idle,

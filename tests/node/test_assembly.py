@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -113,3 +114,33 @@ def test_resume_after_downtime_waits_a_whole_quiet_period(tmp_path: Path) -> Non
     before = datetime.now()
     assert assembler.resume() == 1
     assert scheduler.run_dates["series:1.2.3.4"] >= before + timedelta(seconds=20)
+
+
+class _FullDiskJobs(SqliteJobQueue):
+    """A job queue whose first job insert fails as SQLite does on a full disk."""
+
+    failures = 1
+
+    def create_for_series(self, series_uid: str, priority: int = 0) -> int | None:
+        if self.failures:
+            self.failures -= 1
+            raise sqlite3.OperationalError("database or disk is full")
+        return super().create_for_series(series_uid, priority)
+
+
+def test_a_series_whose_job_cannot_be_written_is_checked_again(tmp_path: Path) -> None:
+    """Regression (fault trials): a failed job insert left the series receiving and unarmed;
+    with every instance already received nothing checked it again until a restart."""
+    db = StateDB(tmp_path)
+    spool = DiskSpool(tmp_path, db)
+    spool.record(InstanceHeader("1.2.3.5.1", "1.2.840.10008.5.1.4.1.1.2", "1.2.3", "1.2.3.5"),
+                 tmp_path / "x.dcm", 1, "CT", received_at=time.time() - 60)
+    scheduler = _RecordingScheduler()
+    metrics = NodeMetrics()
+    assembler = SeriesAssembler(scheduler, _FullDiskJobs(db),  # type: ignore[arg-type]
+                                AssemblyConfig(quiet_seconds=2.0), metrics)
+    assert assembler.check("1.2.3.5") is None
+    assert "series:1.2.3.5" in scheduler.run_dates  # armed again
+    assert metrics.registry.get_sample_value("ich_node_assembly_errors_total") == 1
+    assert db.query("SELECT state FROM series")[0]["state"] == "receiving"
+    assert assembler.check("1.2.3.5") == 1  # the retry makes the job
