@@ -22,7 +22,8 @@ Phases: ``receive`` (after a random number of acknowledgements), ``fsync`` (whil
 thread is inside fsync(2), seen in ``/proc/PID/task/*/syscall``), ``assembly`` (peers done,
 series not yet a job), ``inference`` (a job running; the analyzer sleeps) and ``sending``
 (an outbound row ``sending``; the destination answers slowly). What was going on at the
-moment of the kill is recorded in :attr:`TrialResult.observed`.
+moment of the kill (read from the frozen state database right after it) is recorded in
+:attr:`TrialResult.observed`.
 """
 
 from __future__ import annotations
@@ -146,12 +147,12 @@ def _syscalls(pids: Sequence[int]) -> set[str]:
 
 
 def observe(node: NodeProcess, peers: Sequence[Peer]) -> list[str]:
-    """What the node is doing now: receive, fsync, assembly, inference, sending."""
+    """What the node was doing when it was killed, from its state database (which the kill
+    froze) and its peers (a peer cut mid-transfer waits for its timeout): receive,
+    assembly, inference, sending."""
     seen: list[str] = []
     if any(p.is_alive() for p in peers):
         seen.append("receive")
-    if FSYNC_SYSCALLS & _syscalls(node.pids()):
-        seen.append("fsync")
     states = {str(s) for (s,) in node.query("SELECT state FROM series")}
     if "receiving" in states:
         seen.append("assembly")
@@ -164,8 +165,9 @@ def observe(node: NodeProcess, peers: Sequence[Peer]) -> list[str]:
 
 
 def _wait_for_phase(phase: str, node: NodeProcess, peers: Sequence[Peer], rng: random.Random,
-                    total: int, timeout_s: float = 60.0) -> None:
-    """Return at the moment the kill should fall for *phase*."""
+                    total: int, timeout_s: float = 60.0) -> bool:
+    """Return at the moment the kill should fall for *phase*; True when a node thread is
+    inside fsync(2) at that moment (the kill must follow at once)."""
     deadline = time.monotonic() + timeout_s
 
     def acked() -> int:
@@ -188,6 +190,7 @@ def _wait_for_phase(phase: str, node: NodeProcess, peers: Sequence[Peer], rng: r
         # Chase an fsync; a short series may end first: then it is a receive-phase kill.
         until(lambda: bool(FSYNC_SYSCALLS & _syscalls(pids))
               or not any(p.is_alive() for p in peers), "an fsync")
+        return any(p.is_alive() for p in peers)
     elif phase == "assembly":
         until(lambda: not any(p.is_alive() for p in peers), "the peers to finish")
         time.sleep(rng.uniform(0.0, 0.4))
@@ -199,6 +202,7 @@ def _wait_for_phase(phase: str, node: NodeProcess, peers: Sequence[Peer], rng: r
         time.sleep(rng.uniform(0.0, SLOW_DESTINATION_S * 1.3))
     else:
         raise ValueError(f"unknown phase {phase!r}; one of {PHASES}")
+    return False
 
 
 def read_ledger(path: Path) -> list[dict[str, Any]]:
@@ -330,9 +334,9 @@ def run_kill_trial(workdir: Path, phase: str, seed: int, peers: int = 3, slices:
         kill_at = time.monotonic()
         for peer in senders:
             peer.start()
-        _wait_for_phase(phase, node, senders, rng, total=peers * slices)
-        result.observed = observe(node, senders)
+        in_fsync = _wait_for_phase(phase, node, senders, rng, total=peers * slices)
         node.kill9()
+        result.observed = (["fsync"] if in_fsync else []) + observe(node, senders)
         result.kill_after_s = round(time.monotonic() - kill_at, 3)
         # Durable before any recovery: the files are the truth (node.db). A peer still
         # waiting for a response got none, so what it holds acknowledged is final now.
