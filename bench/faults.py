@@ -13,6 +13,7 @@ Outage (``--outage`` seconds, default 120; 0 skips it): the destination is down 
 queued during the outage, delivered after it, lost, and how long the queue took to drain.
 
 Run: ``.venv/bin/python bench/faults.py --out faults.json`` (about 15 minutes on 2 cores).
+The node logs of trials that found a problem are kept in ``faults.logs/``.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from tests.helpers.nodeproc import NodeProcess  # noqa: E402
 from tests.helpers.receiver import Receiver  # noqa: E402
 
 
-def kill_trials(n: int, seed: int, peers: int, slices: int) -> dict[str, Any]:
+def kill_trials(n: int, seed: int, peers: int, slices: int, logs: Path) -> dict[str, Any]:
     """Run *n* kill trials; totals and every trial."""
     rng = random.Random(seed)
     phases = [PHASES[i % len(PHASES)] for i in range(n)]
@@ -48,10 +49,10 @@ def kill_trials(n: int, seed: int, peers: int, slices: int) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="kill-") as tmp:
             try:
                 result = run_kill_trial(Path(tmp), phase, seed=seed * 1000 + index,
-                                        peers=peers, slices=slices).as_dict()
-            except AssertionError as exc:  # the node did not settle: a failed trial
+                                        peers=peers, slices=slices, keep_log=logs).as_dict()
+            except Exception as exc:  # the trial boundary: a failed trial, with its reason
                 result = {"phase": phase, "seed": seed * 1000 + index,
-                          "problems": [str(exc)[:2000]]}
+                          "problems": [f"{type(exc).__name__}: {str(exc)[:2000]}"]}
         trials.append(result)
         print(f"trial {index + 1}/{n} {phase:9s} observed={result.get('observed')} "
               f"acked={result.get('acked_before_kill')} lost={result.get('lost')} "
@@ -142,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                                                              vars(args).items()}}
     started = time.monotonic()
     if args.trials:
-        report["kill"] = kill_trials(args.trials, args.seed, args.peers, args.slices)
+        report["kill"] = kill_trials(args.trials, args.seed, args.peers, args.slices,
+                                     args.out.with_suffix(".logs"))
     if args.outage:
         report["outage"] = outage(args.outage, args.outage_studies, args.slices)
     report["minutes"] = round((time.monotonic() - started) / 60, 1)

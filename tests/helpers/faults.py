@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
+import sys
 import threading
 import time
 from collections import Counter
@@ -306,8 +308,10 @@ def check_invariants(node: NodeProcess, series: Sequence[SeriesOnDisk], acked: s
 
 
 def run_kill_trial(workdir: Path, phase: str, seed: int, peers: int = 3, slices: int = 20,
-                   rows: int = 64, settle_timeout_s: float = 90.0) -> TrialResult:
-    """One kill -9 trial in *workdir*; see the module docstring."""
+                   rows: int = 64, settle_timeout_s: float = 90.0,
+                   keep_log: Path | None = None) -> TrialResult:
+    """One kill -9 trial in *workdir*; see the module docstring. The node's log is copied
+    into *keep_log* when the trial found a problem or failed."""
     started = time.monotonic()
     rng = random.Random(seed)
     result = TrialResult(seed=seed, phase=phase)
@@ -354,9 +358,16 @@ def run_kill_trial(workdir: Path, phase: str, seed: int, peers: int = 3, slices:
         acked = set().union(*(p.acked for p in senders))
         result.acked_before_kill = len(acked)
         for i, s in enumerate(series):
-            statuses = pynetdicom_send(node.port, s.files, calling_ae=f"CT{i}")
-            if statuses != [0] * len(s.files):
-                result.problems.append(f"re-send of series {i}: statuses {Counter(statuses)}")
+            for attempt in (1, 2):  # a PACS retries a failed transfer; the first must not fail
+                try:
+                    statuses = pynetdicom_send(node.port, s.files, calling_ae=f"CT{i}")
+                except (RuntimeError, AssertionError) as exc:  # association lost or refused
+                    statuses = [None]
+                    result.problems.append(f"re-send {attempt} of series {i}: {exc}")
+                if statuses == [0] * len(s.files):
+                    break
+                result.problems.append(f"re-send {attempt} of series {i}: statuses "
+                                       f"{Counter(statuses)}")
         acked_all = acked | {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID)
                              for s in series for f in s.files}
         result.acked_total = len(acked_all)
@@ -372,5 +383,8 @@ def run_kill_trial(workdir: Path, phase: str, seed: int, peers: int = 3, slices:
         node.stop()
         for rec in receivers.values():
             rec.stop()
+        if keep_log is not None and (result.problems or sys.exc_info()[0] is not None):
+            keep_log.mkdir(parents=True, exist_ok=True)
+            shutil.copy(node.log, keep_log / f"trial-{seed}-{phase}.log")
     result.seconds = round(time.monotonic() - started, 2)
     return result
