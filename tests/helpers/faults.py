@@ -1,8 +1,8 @@
 """Fault trials shared by ``tests/faults/`` (a few quick ones) and ``bench/faults.py`` (many).
 
 One kill trial: a node in its own process (:class:`NodeProcess`, ledger analyzer), two
-result destinations, several peers sending a series each on their own association at the
-same time; the node gets ``kill -9`` at a point chosen by *phase* and a seeded random
+result destinations, several peers (dcmtk's storescu and pynetdicom SCUs) sending a series
+each on their own association at the same time; the node gets ``kill -9`` at a point chosen by *phase* and a seeded random
 delay; the node restarts on the same spool; every peer sends its whole series again (as a
 PACS does after a failed transfer); once the node is idle, :func:`check_invariants` holds
 it to its promises:
@@ -29,8 +29,10 @@ moment of the kill (read from the frozen state database right after it) is recor
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -57,6 +59,7 @@ FSYNC_SYSCALLS = {"74", "75"}  # x86_64 fsync, fdatasync
 ANALYZER_DELAY_S = 1.5
 SLOW_DESTINATION_S = 0.8
 PEER_TIMEOUT_S = 3.0
+STORESCU = "/usr/bin/storescu"
 
 
 class Peer(threading.Thread):
@@ -104,6 +107,52 @@ class Peer(threading.Thread):
                 assoc.release()
 
 
+class DcmtkPeer(threading.Thread):
+    """A modality that is dcmtk's ``storescu`` (one association for all *files*); what got
+    Success is read from its verbose log, file by file."""
+
+    def __init__(self, name: str, port: int, files: Sequence[Path]) -> None:
+        super().__init__(name=f"dcmtk-{name}", daemon=True)
+        self.ae_title = name
+        self.port = port
+        self.files = list(files)
+        self.acked: set[str] = set()
+        self.statuses: Counter[str] = Counter()
+        self.error = ""
+
+    def run(self) -> None:
+        timeout = str(int(PEER_TIMEOUT_S))
+        proc = subprocess.Popen(
+            [STORESCU, "-v", "-aet", self.ae_title, "-aec", "ICH_NODE", "-to", timeout,
+             "-ta", timeout, "-td", timeout, "127.0.0.1", str(self.port),
+             *map(str, self.files)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=dict(os.environ, TCP_NODELAY="1"))
+        assert proc.stdout is not None
+        current: Path | None = None
+        for line in proc.stdout:
+            if line.startswith("I: Sending file: "):
+                current = Path(line.removeprefix("I: Sending file: ").strip())
+            elif line.startswith("I: Received Store Response (") and current is not None:
+                status = line.split("(", 1)[1].rstrip(")\n")
+                self.statuses[status] += 1
+                if status == "Success":
+                    self.acked.add(str(dcmread(current, stop_before_pixels=True,
+                                               specific_tags=["SOPInstanceUID"]).SOPInstanceUID))
+        self.error = f"storescu exited with {proc.wait()}"
+
+
+def resend(port: int, files: Sequence[Path], calling_ae: str, dcmtk: bool) -> list[int | None]:
+    """Send *files* again with the same tool (so the bytes, and so the duplicate check, are
+    the same as the first time); pynetdicom's statuses, or storescu's as all 0 / None."""
+    if not dcmtk:
+        return pynetdicom_send(port, files, calling_ae=calling_ae)
+    done = subprocess.run([STORESCU, "-aet", calling_ae, "-aec", "ICH_NODE", "127.0.0.1",
+                           str(port), *map(str, files)], capture_output=True, text=True,
+                          env=dict(os.environ, TCP_NODELAY="1"), timeout=120)
+    return [0 if done.returncode == 0 else None] * len(files)
+
+
 @dataclass
 class TrialResult:
     """What one kill trial did and found (JSON-serialisable with :meth:`as_dict`)."""
@@ -148,7 +197,7 @@ def _syscalls(pids: Sequence[int]) -> set[str]:
     return numbers
 
 
-def observe(node: NodeProcess, peers: Sequence[Peer]) -> list[str]:
+def observe(node: NodeProcess, peers: Sequence[Peer | DcmtkPeer]) -> list[str]:
     """What the node was doing when it was killed, from its state database (which the kill
     froze) and its peers (a peer cut mid-transfer waits for its timeout): receive,
     assembly, inference, sending."""
@@ -166,7 +215,8 @@ def observe(node: NodeProcess, peers: Sequence[Peer]) -> list[str]:
     return seen
 
 
-def _wait_for_phase(phase: str, node: NodeProcess, peers: Sequence[Peer], rng: random.Random,
+def _wait_for_phase(phase: str, node: NodeProcess, peers: Sequence[Peer | DcmtkPeer],
+                    rng: random.Random,
                     total: int, timeout_s: float = 60.0) -> bool:
     """Return at the moment the kill should fall for *phase*; True when a node thread is
     inside fsync(2) at that moment (the kill must follow at once)."""
@@ -309,9 +359,10 @@ def check_invariants(node: NodeProcess, series: Sequence[SeriesOnDisk], acked: s
 
 def run_kill_trial(workdir: Path, phase: str, seed: int, peers: int = 3, slices: int = 20,
                    rows: int = 64, settle_timeout_s: float = 90.0,
-                   keep_log: Path | None = None) -> TrialResult:
-    """One kill -9 trial in *workdir*; see the module docstring. The node's log is copied
-    into *keep_log* when the trial found a problem or failed."""
+                   keep_log: Path | None = None, dcmtk_peers: int = 1) -> TrialResult:
+    """One kill -9 trial in *workdir*; see the module docstring. The first *dcmtk_peers*
+    peers are dcmtk's storescu (when installed), the others pynetdicom. The node's log is
+    copied into *keep_log* when the trial found a problem or failed."""
     started = time.monotonic()
     rng = random.Random(seed)
     result = TrialResult(seed=seed, phase=phase)
@@ -334,7 +385,10 @@ def run_kill_trial(workdir: Path, phase: str, seed: int, peers: int = 3, slices:
         rec.start()
     try:
         node.start()
-        senders = [Peer(f"CT{i}", node.port, s.files) for i, s in enumerate(series)]
+        n_dcmtk = dcmtk_peers if Path(STORESCU).exists() else 0
+        senders: list[Peer | DcmtkPeer] = [
+            (DcmtkPeer if i < n_dcmtk else Peer)(f"CT{i}", node.port, s.files)
+            for i, s in enumerate(series)]
         kill_at = time.monotonic()
         for peer in senders:
             peer.start()
@@ -360,7 +414,7 @@ def run_kill_trial(workdir: Path, phase: str, seed: int, peers: int = 3, slices:
         for i, s in enumerate(series):
             for attempt in (1, 2):  # a PACS retries a failed transfer; the first must not fail
                 try:
-                    statuses = pynetdicom_send(node.port, s.files, calling_ae=f"CT{i}")
+                    statuses = resend(node.port, s.files, f"CT{i}", i < n_dcmtk)
                 except (RuntimeError, AssertionError) as exc:  # association lost or refused
                     statuses = [None]
                     result.problems.append(f"re-send {attempt} of series {i}: {exc}")
