@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -139,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--outage-studies", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("faults.json"))
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so that the node under test is stopped (finally blocks)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     report: dict[str, Any] = {"machine": machine(), "args": {k: str(v) for k, v in
                                                              vars(args).items()}}
     started = time.monotonic()

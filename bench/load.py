@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import sys
 import tempfile
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--out", type=Path, default=Path("load.json"))
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so that the node under test is stopped (finally blocks)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     report: dict[str, Any] = {"machine": machine(), "args": {k: str(v) for k, v in
                                                              vars(args).items()}}
     with tempfile.TemporaryDirectory(prefix="load-") as tmp:
