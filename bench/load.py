@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import statistics
 import sys
@@ -35,10 +36,11 @@ from traffic import (  # noqa: E402
     Sampler,
     Sent,
     TimedReceiver,
+    log_to,
     machine,
     percentile,
     renamed,
-    send_study,
+    send_until_stored,
     templates,
 )
 
@@ -59,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     report: dict[str, Any] = {"machine": machine(), "args": {k: str(v) for k, v in
                                                              vars(args).items()}}
+    log_to(args.out.with_suffix(".bench.log"))
     with tempfile.TemporaryDirectory(prefix="load-") as tmp:
         work = Path(tmp)
         bases = templates(args.analyzer, work, 4, args.slices, args.rows, seed=11)
@@ -67,16 +70,18 @@ def main(argv: list[str] | None = None) -> int:
                            destinations={"pacs": receiver.port},
                            overrides={"assembly": {"quiet_seconds": 5.0,
                                                    "release_grace_seconds": 0.5},
-                                      "logging": {"level": "WARNING"}})
+                                      "logging": {"level": "INFO"}})
         sent: list[Sent] = []
+        failures: list[str] = []
         lock = threading.Lock()
 
         def sender(index: int) -> None:
             for n in range(args.studies):
                 study = renamed(bases[(index + n) % len(bases)], f"load-{index}-{n}")
-                result = send_study(node.port, study, f"LOAD{index}")
+                result, errors = send_until_stored(node.port, study, f"LOAD{index}")
                 with lock:
                     sent.append(result)
+                    failures.extend(errors)
 
         try:
             node.start()
@@ -102,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             node.stop()
             receiver.stop()
+            shutil.copy(node.log, args.out.with_suffix(".node.log"))
     acked = sum(1 for s in sent for c in s.statuses if c == 0)
     latencies = [receiver.first_result[s.study_uid] - s.finished for s in sent
                  if s.study_uid in receiver.first_result]
@@ -109,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         "studies_sent": len(sent), "instances_sent": sum(len(s.statuses) for s in sent),
         "instances_acknowledged": acked, "instances_in_spool": spooled[0],
         "studies_without_results": len(wanted - receiver.first_result.keys()),
+        "transfers_failed_and_resent": len(failures), "transfer_errors": failures[:20],
         "results_duplicated": receiver.total() - len(receiver.received), "jobs": jobs,
         "sending_seconds": round(sending_s, 1),
         "ingest_instances_per_s": round(acked / sending_s, 1),

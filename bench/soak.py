@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import statistics
 import sys
@@ -33,9 +34,10 @@ from traffic import (  # noqa: E402
     Sampler,
     Sent,
     TimedReceiver,
+    log_to,
     machine,
     renamed,
-    send_study,
+    send_until_stored,
     templates,
 )
 
@@ -44,14 +46,15 @@ from tests.helpers.nodeproc import NodeProcess  # noqa: E402
 
 
 def _sender(index: int, port: int, studies: list[Any], interval_s: float, until: float,
-            sent: list[Sent], lock: threading.Lock) -> None:
+            sent: list[Sent], failures: list[str], lock: threading.Lock) -> None:
     n = 0
     while time.time() < until:
         start = time.time()
         study = renamed(studies[n % len(studies)], f"soak-{index}-{n}")
-        result = send_study(port, study, f"SOAK{index}")
+        result, errors = send_until_stored(port, study, f"SOAK{index}")
         with lock:
             sent.append(result)
+            failures.extend(errors)
         n += 1
         time.sleep(max(0.0, interval_s - (time.time() - start)))
 
@@ -80,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
     info: dict[str, Any] = {"machine": machine(), "args": {k: str(v) for k, v in
                                                            vars(args).items()}}
+    log_to(args.out.with_suffix(".bench.log"))
     with tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         work = Path(tmp)
         studies = templates(args.analyzer, work, 4, args.slices, args.rows, seed=7)
@@ -90,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
                                                    "release_grace_seconds": 0.5},
                                       "retention": {"done_hours": 0.05,
                                                     "sweep_interval_s": 60.0},
-                                      "logging": {"level": "WARNING"}})
+                                      "logging": {"level": "INFO"}})
         sent: list[Sent] = []
+        failures: list[str] = []
         lock = threading.Lock()
         try:
             node.start()
@@ -101,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             began = time.time()
             until = began + args.minutes * 60
             threads = [threading.Thread(target=_sender, args=(i, node.port, studies,
-                                                              args.interval, until, sent, lock))
+                                                              args.interval, until, sent,
+                                                              failures, lock))
                        for i in range(args.senders)]
             for thread in threads:
                 thread.start()
@@ -122,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             node.stop()
             receiver.stop()
+            shutil.copy(node.log, args.out.with_suffix(".node.log"))
         warm = next((i for i, s in enumerate(sampler.samples)
                      if receiver.first_result and s.t >= min(receiver.first_result.values())),
                     0)
@@ -132,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             "minutes": round((time.time() - began) / 60, 1),
             "studies_sent": len(sent), "instances_acknowledged": acked,
             "instances_refused": sum(1 for s in sent for c in s.statuses if c != 0),
-            "studies_without_results": len(lost), "jobs": jobs, "outbound": outbound,
+            "studies_without_results": len(lost),
+            "transfers_failed_and_resent": len(failures), "transfer_errors": failures[:20], "jobs": jobs, "outbound": outbound,
             "series_purged_by_retention": purged, "node_exit_code": code,
             "samples": len(samples),
             "rss_mib_total": _summary([s.total_rss_mib for s in samples]),

@@ -11,6 +11,7 @@ the node (receive, spool, queue, send) without the models' CPU time.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import platform
 import sys
@@ -33,6 +34,7 @@ from pynetdicom import AE, evt  # noqa: E402
 from tests.helpers.net import _nodelay  # noqa: E402
 from tests.helpers.receiver import Receiver  # noqa: E402
 
+LOGGER = logging.getLogger("bench.traffic")
 ANALYZERS = {"real": "pipeline.analyze:Analyzer", "test": "tests.helpers.analyzers:summary"}
 BENCH_ROOT = "1.2.826.0.1.3680043.8.498.97."
 
@@ -75,12 +77,14 @@ def renamed(study: Sequence[Dataset], tag: str) -> list[Dataset]:
 
 @dataclass
 class Sent:
-    """One study sent: its UID, statuses and when the last response came."""
+    """One study sent: its UID, statuses, when the last response came, and why the
+    association ended early (empty when it did not)."""
 
     study_uid: str
     statuses: list[int | None]
     started: float
     finished: float
+    error: str = ""
 
 
 def send_study(port: int, study: Sequence[Dataset], calling_ae: str) -> Sent:
@@ -95,14 +99,44 @@ def send_study(port: int, study: Sequence[Dataset], calling_ae: str) -> Sent:
     assoc = ae.associate("127.0.0.1", port, ae_title="ICH_NODE",
                          evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
     statuses: list[int | None] = []
+    error = "" if assoc.is_established else "association not established"
     if assoc.is_established:
         try:
             for ds in study:
+                if not assoc.is_established:
+                    error = (f"association ended after {len(statuses)} of {len(study)} "
+                             f"instances ({'aborted' if assoc.is_aborted else 'closed'})")
+                    LOGGER.error("%s: study %s", error, study[0].StudyInstanceUID)
+                    break
                 statuses.append(getattr(assoc.send_c_store(ds), "Status", None))
         finally:
             if assoc.is_established:
                 assoc.release()
-    return Sent(str(study[0].StudyInstanceUID), statuses, started, time.time())
+    return Sent(str(study[0].StudyInstanceUID), statuses, started, time.time(), error)
+
+
+def send_until_stored(port: int, study: Sequence[Dataset], calling_ae: str,
+                      attempts: int = 3) -> tuple[Sent, list[str]]:
+    """:func:`send_study`, the whole study again (as a PACS retries a failed transfer) while
+    an association ends early or an instance is refused; the last try and the errors."""
+    errors: list[str] = []
+    for _ in range(attempts):
+        sent = send_study(port, study, calling_ae)
+        if not sent.error and sent.statuses == [0] * len(study):
+            break
+        errors.append(sent.error or f"statuses {sorted(set(map(str, sent.statuses)))}")
+    return sent, errors
+
+
+def log_to(path: Path) -> None:
+    """Send this process's log (pynetdicom's INFO lines included: aborts, timeouts) to
+    *path*, for the diagnosis of a lost association."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(threadName)s "
+                                           "%(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("pynetdicom").setLevel(logging.INFO)
 
 
 class TimedReceiver(Receiver):
