@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,8 +65,7 @@ def renamed(study: Sequence[Dataset], tag: str) -> list[Dataset]:
     frame_uid = generate_uid(BENCH_ROOT, entropy_srcs=[tag, "frame"])
     out = []
     for ds in study:
-        copy = ds.copy()
-        copy.file_meta = ds.file_meta.copy()
+        copy = deepcopy(ds)  # Dataset.copy() shares its elements: the template would change
         sop = generate_uid(BENCH_ROOT, entropy_srcs=[tag, str(ds.SOPInstanceUID)])
         copy.StudyInstanceUID, copy.SeriesInstanceUID = study_uid, series_uid
         copy.SOPInstanceUID = copy.file_meta.MediaStorageSOPInstanceUID = sop
