@@ -143,14 +143,17 @@ def run_job_or_requeue(job: Job, analyzer: Analyzer, config: NodeConfig,
         return
 
 
-def _claim(queue: SqliteJobQueue) -> Job | None:
-    """The next job, or None also while the spool is too full to record a claim."""
+def _claim(queue: SqliteJobQueue, stop: multiprocessing.synchronize.Event) -> Job | None:
+    """The next job; None also while the spool is too full to record a claim (after a
+    pause, so that a full disk does not fill the log)."""
     try:
         return queue.claim(os.getpid())
     except sqlite3.OperationalError as exc:
         if not out_of_space(exc):
             raise
-        LOGGER.error("worker %d: cannot claim jobs, the spool is full (%s)", os.getpid(), exc)
+        LOGGER.error("worker %d: cannot claim jobs, the spool is full (%s); trying again in "
+                     "%.0f s", os.getpid(), exc, OUT_OF_SPACE_PAUSE_S)
+        stop.wait(OUT_OF_SPACE_PAUSE_S)
         return None
 
 
@@ -193,7 +196,7 @@ def worker_main(config_json: str, analyzer_path: str,
     LOGGER.info("worker %d started with analyzer %s", os.getpid(), analyzer_path)
     try:
         while not stop.is_set() and os.getppid() == parent:
-            job = _claim(queue)
+            job = _claim(queue, stop)
             if job is None:
                 stop.wait(config.worker.poll_interval_s)
                 continue
