@@ -47,6 +47,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
+from node.sender import await_reactor_resumed
 from tests.helpers.ctseries import SeriesOnDisk, write_series
 from tests.helpers.net import _nodelay, free_port, pynetdicom_send, wait_until
 from tests.helpers.nodeproc import NodeProcess
@@ -93,6 +94,8 @@ class Peer(threading.Thread):
                 if not assoc.is_established:
                     self.error = "association lost"
                     return
+                if self.sent:
+                    await_reactor_resumed(assoc)  # pynetdicom's requestor race (node.sender)
                 status = assoc.send_c_store(path)
                 self.sent += 1
                 code = getattr(status, "Status", None)
