@@ -146,7 +146,11 @@ def main(argv: list[str] | None = None) -> int:
             "rss_mib_total": _summary([s.total_rss_mib for s in samples]),
             "rss_mib_by_process_end": samples[-1].rss_mib,
             "open_fds_total": _summary([float(s.total_fds) for s in samples]),
-            "trace": [(round(s.t - began), s.total_rss_mib, s.total_fds) for s in samples],
+            "rss_mib_slope_per_minute": round(statistics.linear_regression(
+                [s.t / 60 for s in samples], [s.total_rss_mib for s in samples]).slope, 2)
+            if len(samples) > 1 else None,
+            "trace": [(round(s.t - began), s.total_rss_mib, s.total_fds, s.rss_mib)
+                      for s in samples],
         }
     args.out.write_text(json.dumps(info, indent=1))
     short = {k: v for k, v in info["result"].items() if k != "trace"}
