@@ -96,7 +96,11 @@ class Peer(threading.Thread):
                     return
                 if self.sent:
                     await_reactor_resumed(assoc)  # pynetdicom's requestor race (node.sender)
-                status = assoc.send_c_store(path)
+                try:
+                    status = assoc.send_c_store(path)
+                except RuntimeError:  # the association died since the check (the kill)
+                    self.error = "association lost"
+                    return
                 self.sent += 1
                 code = getattr(status, "Status", None)
                 self.statuses["none" if code is None else f"0x{int(code):04X}"] += 1
