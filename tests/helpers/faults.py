@@ -206,8 +206,8 @@ def _syscalls(pids: Sequence[int]) -> set[str]:
 
 def observe(node: NodeProcess, peers: Sequence[Peer | DcmtkPeer]) -> list[str]:
     """What the node was doing when it was killed, from its state database (which the kill
-    froze) and its peers (a peer cut mid-transfer waits for its timeout): receive,
-    assembly, inference, sending."""
+    froze) and the *peers* that were still sending just before it: receive, assembly,
+    inference, sending."""
     seen: list[str] = []
     if any(p.is_alive() for p in peers):
         seen.append("receive")
@@ -400,8 +400,9 @@ def run_kill_trial(workdir: Path, phase: str, seed: int, peers: int = 3, slices:
         for peer in senders:
             peer.start()
         in_fsync = _wait_for_phase(phase, node, senders, rng, total=peers * slices)
+        receiving = [p for p in senders if p.is_alive()]
         node.kill9()
-        result.observed = (["fsync"] if in_fsync else []) + observe(node, senders)
+        result.observed = (["fsync"] if in_fsync else []) + observe(node, receiving)
         result.kill_after_s = round(time.monotonic() - kill_at, 3)
         # Durable before any recovery: the files are the truth (node.db). A peer still
         # waiting for a response got none, so what it holds acknowledged is final now.
