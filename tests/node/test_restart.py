@@ -14,6 +14,7 @@ from pydicom import dcmread
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
+from node.sender import await_reactor_resumed
 from tests.helpers.ctseries import write_series
 from tests.helpers.net import _nodelay, free_port, pynetdicom_send, wait_until
 from tests.helpers.nodeproc import NodeProcess
@@ -44,9 +45,11 @@ def _send_until_killed(node: NodeProcess, files: list[Path], kill_after: int) ->
                          evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
     assert assoc.is_established
     answered: dict[str, int] = {}
-    for path in files:
+    for index, path in enumerate(files):
         if not assoc.is_established or node.proc is None or node.proc.poll() is not None:
             break
+        if index:
+            await_reactor_resumed(assoc)  # pynetdicom's requestor race (node.sender)
         status = assoc.send_c_store(path)
         code = getattr(status, "Status", None)
         if code is not None:
