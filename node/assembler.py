@@ -12,6 +12,7 @@ schedules every series that was still receiving.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -75,14 +76,17 @@ class SeriesAssembler:
                 self._schedule(uid, grace, early=True)
 
     def resume(self) -> int:
-        """Start-up: schedule a check for every series left ``receiving``."""
-        rows = self.jobs.db.query("SELECT series_uid, calling_ae, last_received_at FROM series"
+        """Start-up: schedule a check for every series left ``receiving``, a whole quiet
+        period from now. Silence while the node was down says nothing about whether the
+        series is complete (its sender could not reach us); counting the downtime made a
+        series cut by a crash into a job before the sender could send the rest."""
+        rows = self.jobs.db.query("SELECT series_uid, calling_ae FROM series"
                                   " WHERE state = 'receiving'")
         for row in rows:
-            remaining = row["last_received_at"] + self.config.quiet_for(row["calling_ae"]) - now()
             with self._lock:
                 self._armed.add(row["series_uid"])
-            self._schedule(row["series_uid"], max(0.0, remaining), early=False)
+            self._schedule(row["series_uid"], self.config.quiet_for(row["calling_ae"]),
+                           early=False)
         if rows:
             LOGGER.info("resumed assembly of %d series", len(rows))
         return len(rows)
@@ -119,12 +123,21 @@ class SeriesAssembler:
         if idle + _EPSILON_S < threshold:
             self._schedule(series_uid, threshold - idle, early)
             return None
+        try:
+            priority, reason = 0, None
+            if self.triage is not None:
+                decision = self.triage.for_series(series_uid, row["calling_ae"])
+                priority, reason = decision.priority, decision.reason
+            job_id = self.jobs.create_for_series(series_uid, priority, reason)
+        except (sqlite3.Error, OSError) as exc:
+            # E.g. a full disk: the series stays receiving and is checked again (nothing else
+            # would arm it when every instance is already here).
+            self.metrics.assembly_errors.inc()
+            LOGGER.error("series %s: cannot queue its job (%s: %s); trying again in %.1f s",
+                         series_uid, type(exc).__name__, exc, quiet)
+            self._schedule(series_uid, quiet, early=False)
+            return None
         self._disarm(series_uid)
-        priority, reason = 0, None
-        if self.triage is not None:
-            decision = self.triage.for_series(series_uid, row["calling_ae"])
-            priority, reason = decision.priority, decision.reason
-        job_id = self.jobs.create_for_series(series_uid, priority, reason)
         if job_id is not None:
             self.metrics.series_completed.inc()
             LOGGER.info("series %s quiet for %.1f s (%s): job %d", series_uid, idle,

@@ -83,6 +83,9 @@ class NodeMetrics:
             registry=r)
         self.series_completed = Counter(
             f"{PREFIX}_series_completed", "Series turned into jobs", registry=r)
+        self.assembly_errors = Counter(
+            f"{PREFIX}_assembly_errors", "Series checks that could not write their job (disk "
+            "full, database error); retried after the quiet period", registry=r)
         self.results_sent = Counter(
             f"{PREFIX}_results_sent", "Result objects delivered, by destination",
             ["destination"], registry=r)

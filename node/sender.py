@@ -189,10 +189,33 @@ def _association(config: NodeConfig, dest: Destination,
             assoc.release()
 
 
+REACTOR_RESUME_TIMEOUT_S = 1.0
+
+
+def await_reactor_resumed(assoc: Association, timeout_s: float = REACTOR_RESUME_TIMEOUT_S
+                          ) -> None:
+    """Wait until the association's reactor thread has woken up after a C-STORE.
+
+    Works around a race in pynetdicom's requestor (3.0; cf. pynetdicom#435):
+    ``send_c_store`` pauses the reactor thread while it waits for its response and resumes
+    it afterwards. When the next ``send_c_store`` pauses it again before that thread has
+    actually woken up, ``_is_paused`` still reads True, so the call does not wait; the thread
+    then wakes anyway, takes the next response off the queue ("Received unexpected C-STORE
+    service message") and the call waits for the whole DIMSE timeout: a failed attempt and a
+    duplicate at the destination. Seen under load (bench/load.py, RELIABILITY.md).
+    """
+    deadline = time.monotonic() + timeout_s
+    while (getattr(assoc, "_is_paused", False) and assoc.is_established
+           and time.monotonic() < deadline):
+        time.sleep(0.0005)
+
+
 def send_files(config: NodeConfig, dest: Destination, files: list[str]) -> None:
     """C-STORE every file to *dest* in one association; raise SendError on any failure."""
     with _association(config, dest, _contexts_for(files)) as assoc:
-        for path in files:
+        for index, path in enumerate(files):
+            if index:
+                await_reactor_resumed(assoc)
             status = assoc.send_c_store(Path(path))
             code = getattr(status, "Status", None)
             if code is None:

@@ -212,8 +212,8 @@ class DiskSpool:
                 (header.sop_uid, header.sop_class_uid, header.study_uid, header.series_uid,
                  str(path), size, calling_ae, t),
             )
-            row = cur.execute("SELECT state, instance_count FROM series WHERE series_uid = ?",
-                              (header.series_uid,)).fetchone()
+            row = cur.execute("SELECT state, instance_count, job_id FROM series"
+                              " WHERE series_uid = ?", (header.series_uid,)).fetchone()
             added = 0 if known is not None and known["series_uid"] == header.series_uid else 1
             if row is None:
                 cur.execute(
@@ -231,6 +231,12 @@ class DiskSpool:
                 " state = ?, calling_ae = ?, purged_at = NULL WHERE series_uid = ?",
                 (added, t, new_state, calling_ae, header.series_uid),
             )
+            if state == "queued":
+                # The job has not started (claiming moves the series to processing in the
+                # same transaction), so it will read this file too: count it in the job.
+                cur.execute("UPDATE jobs SET instance_count = instance_count + ?,"
+                            " last_received_at = ? WHERE id = ? AND state = 'ready'",
+                            (added, t, row["job_id"]))
         if late:
             if self.rerun_on_late:
                 LOGGER.warning("late instance for series %s (was %s): series will be analysed "

@@ -10,6 +10,7 @@ worker process can load it; ``ich-node run`` always uses the real pipeline.
 from __future__ import annotations
 
 import ctypes
+import errno
 import importlib
 import json
 import logging
@@ -17,6 +18,7 @@ import multiprocessing
 import multiprocessing.synchronize
 import os
 import signal
+import sqlite3
 import time
 import traceback
 from collections.abc import Callable
@@ -97,6 +99,8 @@ def run_job(job: Job, analyzer: Analyzer, config: NodeConfig, queue: SqliteJobQu
         files = write_results(spool_dir, job.id, list(results.datasets), config.spool.fsync)
         findings = dict(results.findings)
     except Exception as exc:  # the job boundary: every failure becomes a failed job
+        if out_of_space(exc):
+            raise  # not the series' fault: run_job_or_requeue puts the job back
         reason = f"{type(exc).__name__}: {exc}"
         trace = traceback.format_exc()
         if not isinstance(exc, PipelineError):  # a library's message may quote patient data
@@ -131,6 +135,59 @@ def run_job(job: Job, analyzer: Analyzer, config: NodeConfig, queue: SqliteJobQu
                      positive=headline.positive, top_label=headline.top_label,
                      results=len(files))
     return True
+
+
+OUT_OF_SPACE_PAUSE_S = 5.0
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """Whether *exc* says the disk is full (ENOSPC, EDQUOT, or SQLite's "database or disk
+    is full"): a transient condition, not a reason to fail the series."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
+
+
+def run_job_or_requeue(job: Job, analyzer: Analyzer, config: NodeConfig,
+                       queue: SqliteJobQueue, stop: multiprocessing.synchronize.Event,
+                       audit: AuditLog | None = None) -> None:
+    """:func:`run_job`; when the spool is full the job goes back to ``ready`` (its attempt
+    not counted) instead of failing, as soon as the database can record it."""
+    try:
+        run_job(job, analyzer, config, queue, audit)
+        return
+    except (OSError, sqlite3.Error) as exc:
+        if not out_of_space(exc):
+            raise
+        LOGGER.error("job %d (series %s): the spool is full (%s: %s); the job goes back to "
+                     "the queue", job.id, job.series_uid, type(exc).__name__, exc)
+    while True:
+        try:
+            queue.requeue_job(job.id)
+        except (OSError, sqlite3.Error) as exc:  # the database cannot write either
+            if not out_of_space(exc):
+                raise
+            LOGGER.error("job %d: cannot put it back yet (%s); trying again in %.0f s",
+                         job.id, exc, OUT_OF_SPACE_PAUSE_S)
+            if stop.wait(OUT_OF_SPACE_PAUSE_S):
+                return  # left processing: the node's stop or next start re-queues it
+            continue
+        stop.wait(OUT_OF_SPACE_PAUSE_S)
+        return
+
+
+def _claim(queue: SqliteJobQueue, stop: multiprocessing.synchronize.Event) -> Job | None:
+    """The next job; None also while the spool is too full to record a claim (after a
+    pause, so that a full disk does not fill the log)."""
+    try:
+        return queue.claim(os.getpid())
+    except sqlite3.OperationalError as exc:
+        if not out_of_space(exc):
+            raise
+        LOGGER.error("worker %d: cannot claim jobs, the spool is full (%s); trying again in "
+                     "%.0f s", os.getpid(), exc, OUT_OF_SPACE_PAUSE_S)
+        stop.wait(OUT_OF_SPACE_PAUSE_S)
+        return None
 
 
 def _write_report(spool_dir: Path, job_id: int, report: dict[str, Any], fsync: bool) -> None:
@@ -174,11 +231,11 @@ def worker_main(config_json: str, analyzer_path: str,
     LOGGER.info("worker %d started with analyzer %s", os.getpid(), analyzer_path)
     try:
         while not stop.is_set() and os.getppid() == parent:
-            job = queue.claim(os.getpid())
+            job = _claim(queue, stop)
             if job is None:
                 stop.wait(config.worker.poll_interval_s)
                 continue
-            run_job(job, analyzer, config, queue, audit)
+            run_job_or_requeue(job, analyzer, config, queue, stop, audit)
     finally:
         db.close()
         LOGGER.info("worker %d stopped", os.getpid())

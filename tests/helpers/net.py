@@ -13,6 +13,8 @@ from pathlib import Path
 from pydicom import Dataset
 from pynetdicom import AE, evt
 
+from node.sender import await_reactor_resumed
+
 DCMTK_BIN = Path("/usr/bin")
 
 
@@ -83,7 +85,9 @@ def pynetdicom_send(port: int, items: Sequence[Path | Dataset], calling_ae: str 
     assert assoc.is_established, f"association to port {port} not established"
     statuses: list[int | None] = []
     try:
-        for item in items:
+        for index, item in enumerate(items):
+            if index:
+                await_reactor_resumed(assoc)  # pynetdicom's requestor race (node.sender)
             status = assoc.send_c_store(item)
             statuses.append(getattr(status, "Status", None))
     finally:

@@ -1,9 +1,17 @@
-"""A result receiver for tests: a pynetdicom Storage SCP that records what it got."""
+"""A result receiver for tests: a pynetdicom Storage SCP that records what it got.
+
+It can misbehave on purpose (fault tests): answer slowly (``delay_s`` before each
+response), or end the association after ``fail_after`` objects, with an A-ABORT
+(``fail_mode="abort"``) or by closing the TCP connection without a word (``"drop"``), for
+the first ``failures`` associations that get that far.
+"""
 
 from __future__ import annotations
 
+import socket
 import ssl
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -22,6 +30,12 @@ class Receiver:
     ssl_context: ssl.SSLContext | None = None  # DICOM over TLS when set
     received: Counter[str] = field(default_factory=Counter)
     datasets: dict[str, object] = field(default_factory=dict)
+    delay_s: float = 0.0
+    fail_after: int | None = None
+    fail_mode: str = "abort"
+    failures: int = 1
+    failed: int = 0
+    _per_assoc: Counter[int] = field(default_factory=Counter)
     _server: ThreadedAssociationServer | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -31,7 +45,25 @@ class Receiver:
         with self._lock:
             self.received[str(ds.SOPInstanceUID)] += 1
             self.datasets[str(ds.SOPInstanceUID)] = ds
+            self._per_assoc[id(event.assoc)] += 1
+            fail = (self.fail_after is not None and self.failed < self.failures
+                    and self._per_assoc[id(event.assoc)] >= self.fail_after)
+            if fail:
+                self.failed += 1
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if fail:
+            self._fail(event)
         return self.status
+
+    def _fail(self, event: evt.Event) -> None:
+        """End the association before the response goes out."""
+        if self.fail_mode == "drop":
+            sock = event.assoc.dul.socket
+            if sock is not None and sock.socket is not None:
+                sock.socket.shutdown(socket.SHUT_RDWR)
+        else:
+            event.assoc.abort(block=False)
 
     def start(self) -> Receiver:
         ae = AE(ae_title=self.ae_title)

@@ -3,6 +3,8 @@ CONFIG ANALYZER`` (used by the kill -9 tests; ``ich-node run`` always uses the r
 
 from __future__ import annotations
 
+import faulthandler
+import signal
 import sys
 from pathlib import Path
 
@@ -12,6 +14,8 @@ from node.logs import setup_logging
 
 
 def main(argv: list[str]) -> int:
+    # kill -USR1 PID writes every thread's stack to the log (diagnosis of a stall)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     config = load_config(Path(argv[1]))
     setup_logging(config.logging)
     Node(config, analyzer=argv[2], loader=lambda: load_config(Path(argv[1]))).serve_forever()

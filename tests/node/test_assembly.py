@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from node.app import Node
+from node.assembler import SeriesAssembler
+from node.config import AssemblyConfig
+from node.db import StateDB
+from node.jobs import SqliteJobQueue
+from node.metrics import NodeMetrics
+from node.spool import DiskSpool, InstanceHeader
 from tests.helpers.ctseries import write_series
 from tests.helpers.net import pynetdicom_send, wait_until
 
@@ -80,3 +88,60 @@ def test_late_instance_without_rerun_is_stored_and_logged(
     assert _jobs(node) == [("done", 2)]
     assert "stored but not analysed" in caplog.text
     assert len(node.db.query("SELECT * FROM instances")) == 3
+
+
+class _RecordingScheduler:
+    """Stands in for apscheduler: records when each check would run."""
+
+    def __init__(self) -> None:
+        self.run_dates: dict[str, datetime] = {}
+
+    def add_job(self, func: object, trigger: str, run_date: datetime, id: str,
+                **kwargs: object) -> None:
+        self.run_dates[id] = run_date
+
+
+def test_resume_after_downtime_waits_a_whole_quiet_period(tmp_path: Path) -> None:
+    """Regression (fault trials): a series cut by a crash was made a job at once on restart
+    when the downtime exceeded the quiet period, before its sender could send the rest."""
+    db = StateDB(tmp_path)
+    spool = DiskSpool(tmp_path, db)
+    spool.record(InstanceHeader("1.2.3.4.1", "1.2.840.10008.5.1.4.1.1.2", "1.2.3", "1.2.3.4"),
+                 tmp_path / "x.dcm", 1, "CT", received_at=time.time() - 3600)
+    scheduler = _RecordingScheduler()
+    assembler = SeriesAssembler(scheduler, SqliteJobQueue(db),  # type: ignore[arg-type]
+                                AssemblyConfig(quiet_seconds=20.0), NodeMetrics())
+    before = datetime.now()
+    assert assembler.resume() == 1
+    assert scheduler.run_dates["series:1.2.3.4"] >= before + timedelta(seconds=20)
+
+
+class _FullDiskJobs(SqliteJobQueue):
+    """A job queue whose first job insert fails as SQLite does on a full disk."""
+
+    failures = 1
+
+    def create_for_series(self, series_uid: str, priority: int = 0,
+                          reason: str | None = None) -> int | None:
+        if self.failures:
+            self.failures -= 1
+            raise sqlite3.OperationalError("database or disk is full")
+        return super().create_for_series(series_uid, priority, reason)
+
+
+def test_a_series_whose_job_cannot_be_written_is_checked_again(tmp_path: Path) -> None:
+    """Regression (fault trials): a failed job insert left the series receiving and unarmed;
+    with every instance already received nothing checked it again until a restart."""
+    db = StateDB(tmp_path)
+    spool = DiskSpool(tmp_path, db)
+    spool.record(InstanceHeader("1.2.3.5.1", "1.2.840.10008.5.1.4.1.1.2", "1.2.3", "1.2.3.5"),
+                 tmp_path / "x.dcm", 1, "CT", received_at=time.time() - 60)
+    scheduler = _RecordingScheduler()
+    metrics = NodeMetrics()
+    assembler = SeriesAssembler(scheduler, _FullDiskJobs(db),  # type: ignore[arg-type]
+                                AssemblyConfig(quiet_seconds=2.0), metrics)
+    assert assembler.check("1.2.3.5") is None
+    assert "series:1.2.3.5" in scheduler.run_dates  # armed again
+    assert metrics.registry.get_sample_value("ich_node_assembly_errors_total") == 1
+    assert db.query("SELECT state FROM series")[0]["state"] == "receiving"
+    assert assembler.check("1.2.3.5") == 1  # the retry makes the job

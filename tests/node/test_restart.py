@@ -5,11 +5,6 @@ results are delivered exactly once (the same SOP Instance UIDs, never two copies
 
 from __future__ import annotations
 
-import os
-import signal
-import sqlite3
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,69 +14,11 @@ from pydicom import dcmread
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
+from node.sender import await_reactor_resumed
 from tests.helpers.ctseries import write_series
 from tests.helpers.net import _nodelay, free_port, pynetdicom_send, wait_until
+from tests.helpers.nodeproc import NodeProcess
 from tests.helpers.receiver import Receiver
-
-REPO = Path(__file__).resolve().parents[2]
-ANALYZER = "tests.helpers.analyzers:summary"
-
-
-class NodeProcess:
-    """A node in its own process group, killable with SIGKILL."""
-
-    def __init__(self, tmp: Path, receiver_port: int, analyzer_delay: float = 0.0) -> None:
-        self.port = free_port()
-        self.spool = tmp / "spool"
-        self.log = tmp / "node.log"
-        self.config = tmp / "node.yaml"
-        self.config.write_text(yaml.safe_dump({
-            "dicom": {"host": "127.0.0.1", "port": self.port},
-            "spool": {"path": str(self.spool), "min_free_mb": 1},
-            "http": {"port": 0},
-            "assembly": {"quiet_seconds": 1.5, "release_grace_seconds": 0.5},
-            "worker": {"poll_interval_s": 0.1},
-            "outbound": {"backoff_initial_s": 0.2, "backoff_max_s": 1.0},
-            "destinations": [{"name": "results", "ae_title": "RESULTS", "host": "127.0.0.1",
-                              "port": receiver_port}],
-        }))
-        self.env = dict(os.environ, PYTHONPATH=str(REPO),
-                        ICH_TEST_ANALYZER_DELAY=str(analyzer_delay))
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.helpers.run_node", str(self.config), ANALYZER],
-                cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
-        wait_until(self._echo_ok, 30, what=f"node on port {self.port}\n{self.log_text()}")
-
-    def _echo_ok(self) -> bool:
-        ae = AE(ae_title="PROBE")
-        ae.add_requested_context("1.2.840.10008.1.1")
-        assoc = ae.associate("127.0.0.1", self.port, ae_title="ICH_NODE")
-        if not assoc.is_established:
-            return False
-        assoc.release()
-        return True
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def terminate(self) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(60)
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def query(self, sql: str) -> list[tuple[object, ...]]:
-        with sqlite3.connect(self.spool / "state.db") as conn:
-            return conn.execute(sql).fetchall()
 
 
 @pytest.fixture
@@ -108,9 +45,11 @@ def _send_until_killed(node: NodeProcess, files: list[Path], kill_after: int) ->
                          evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)])
     assert assoc.is_established
     answered: dict[str, int] = {}
-    for path in files:
+    for index, path in enumerate(files):
         if not assoc.is_established or node.proc is None or node.proc.poll() is not None:
             break
+        if index:
+            await_reactor_resumed(assoc)  # pynetdicom's requestor race (node.sender)
         status = assoc.send_c_store(path)
         code = getattr(status, "Status", None)
         if code is not None:

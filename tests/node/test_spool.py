@@ -9,6 +9,7 @@ import pytest
 
 from node.config import RetentionConfig
 from node.db import StateDB
+from node.jobs import SqliteJobQueue
 from node.retention import sweep
 from node.spool import DiskSpool, InstanceHeader, safe_name
 from tests.helpers.ctseries import write_series
@@ -52,6 +53,26 @@ def test_recover_registers_spooled_files_and_drops_partial_writes(tmp_path: Path
     assert [(r["sop_uid"], r["series_uid"]) for r in rows] == [(ds.SOPInstanceUID,
                                                                  series.series_uid)]
     assert db.query("SELECT state FROM series")[0]["state"] == "receiving"
+
+
+def test_instance_joining_a_queued_series_is_counted_in_its_job(tmp_path: Path) -> None:
+    """Regression (fault trials): an instance that arrives while its series' job waits in
+    the queue is analysed with it, and the job row must say so (it said the old count)."""
+    db = StateDB(tmp_path)
+    spool = DiskSpool(tmp_path, db)
+    jobs = SqliteJobQueue(db)
+    headers = [InstanceHeader(f"1.2.3.9.{i}", "1.2.840.10008.5.1.4.1.1.2", "1.2.3",
+                              "1.2.3.9") for i in range(3)]
+    for header in headers[:2]:
+        spool.store(header, [b"x"], "AE")
+    job_id = jobs.create_for_series("1.2.3.9")
+    assert spool.store(headers[2], [b"x"], "AE").late is False
+    assert db.query("SELECT state, instance_count FROM series")[0][:] == ("queued", 3)
+    job = jobs.claim(worker_pid=1)
+    assert job is not None and job.id == job_id and job.instance_count == 3
+    late = InstanceHeader("1.2.3.9.7", "1.2.840.10008.5.1.4.1.1.2", "1.2.3", "1.2.3.9")
+    assert spool.store(late, [b"x"], "AE").late is True  # now it is a re-run, not a join
+    assert db.query("SELECT instance_count FROM jobs")[0][0] == 3
 
 
 def test_retention_purges_done_series_and_keeps_failed_ones_longer(tmp_path: Path) -> None:
