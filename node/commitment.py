@@ -339,18 +339,20 @@ class CommitmentService:
             LOGGER.exception("unexpected error answering storage commitment %s",
                              item.transaction_uid)
         else:
-            self.queue.mark_reported(item.transaction_uid, verdict)
+            # Counted before the row changes, so that whoever sees the new state (tests,
+            # the status page) also sees the count.
             self.metrics.commitment_reports.labels(
                 result="all_committed" if not verdict.failed else "some_failed",
                 via=via).inc()
+            self.queue.mark_reported(item.transaction_uid, verdict)
             LOGGER.info("storage commitment %s from %s answered on the %s association in "
                         "%.2f s: %d committed, %d failed%s", item.transaction_uid,
                         item.calling_ae, via.replace("_association", ""),
                         time.monotonic() - started, len(verdict.committed),
                         len(verdict.failed), _failures(verdict))
             return
-        state = self.queue.mark_failed(item.transaction_uid, error)
         self.metrics.commitment_delivery_failures.inc()
+        state = self.queue.mark_failed(item.transaction_uid, error)
         log = LOGGER.error if state == "dead" else LOGGER.warning
         log("storage commitment %s from %s: N-EVENT-REPORT not delivered (attempt %d, now "
             "%s): %s", item.transaction_uid, item.calling_ae, item.attempts + 1, state, error)

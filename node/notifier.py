@@ -110,18 +110,19 @@ class Notifier:
         else:
             error = ""
         labels = {"target": note.target, "kind": note.kind}
+        # Metrics first, then the row: whoever sees the new state also sees the count.
         if error:
-            state = self.queue.mark_failed(note.id, error)
             self.metrics.notification_failures.labels(**labels).inc()
+            state = self.queue.mark_failed(note.id, error)
             log = LOGGER.error if state == "dead" else LOGGER.warning
             log("%s notification %s of study %s (job %d) to %s failed (attempt %d, now %s): %s",
                 note.kind, note.uid, note.study_uid, note.job_id, note.target,
                 note.attempts + 1, state, error)
             self._audit(note, "retry" if state == "queued" else state, started)
             return
-        self.queue.mark_sent(note.id)
-        self._audit(note, "sent", started)
         self.metrics.notifications_sent.labels(**labels).inc()
+        self._audit(note, "sent", started)
+        self.queue.mark_sent(note.id)
         LOGGER.info("%s notification %s of study %s (job %d, priority %d) to %s: %s in %.2f s",
                     note.kind, note.uid, note.study_uid, note.job_id, note.priority,
                     note.target, outcome, time.monotonic() - started)

@@ -297,22 +297,23 @@ class Sender:
         else:
             error = kind = ""
         seconds = time.monotonic() - started
+        # Metrics first, then the row: whoever sees the new state also sees the count.
         if error:
-            state = self.queue.mark_failed(item.id, error)
             self.metrics.outbound_failures.labels(destination=item.destination).inc()
             self.metrics.outbound_errors.labels(destination=item.destination, kind=kind).inc()
             self.metrics.destinations.failed(item.destination, error)
+            state = self.queue.mark_failed(item.id, error)
             log = LOGGER.error if state == "dead" else LOGGER.warning
             log("sending results of study %s (job %d) to %s failed (attempt %d, now %s): %s",
                 item.study_uid, item.job_id, item.destination, item.attempts + 1, state, error)
             self._record_attempt(item, "dead" if state == "dead" else "retry", seconds, kind)
             return
-        self.queue.mark_sent(item.id)
         self.metrics.results_sent.labels(destination=item.destination).inc(len(item.files))
         self.metrics.destinations.succeeded(item.destination)
+        self._record_attempt(item, "sent", seconds, None)
+        self.queue.mark_sent(item.id)
         LOGGER.info("sent %d results of study %s (job %d) to %s in %.2f s", len(item.files),
                     item.study_uid, item.job_id, item.destination, seconds)
-        self._record_attempt(item, "sent", seconds, None)
 
     def _record_attempt(self, item: OutboundItem, outcome: str, seconds: float,
                         kind: str | None) -> None:

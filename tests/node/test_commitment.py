@@ -208,9 +208,12 @@ def test_report_on_a_new_association_when_the_modality_hung_up(
     assert _sequence(info, "ReferencedSOPSequence") == sorted((c, i, None) for c, i in stored)
     assert _sequence(info, "FailedSOPSequence") == [
         (*never, commitment.FAILURE_NO_SUCH_INSTANCE)]
-    assert node.metrics.registry.get_sample_value(
+    # The modality has the report as soon as it answered it; the node counts it after that
+    # answer comes back, so the counter may lag the report by a moment.
+    wait_until(lambda: node.metrics.registry.get_sample_value(
         "ich_node_commitment_reports_total",
-        {"result": "some_failed", "via": "new_association"}) == 1
+        {"result": "some_failed", "via": "new_association"}) == 1, 10,
+        what="the report counted as sent on a new association")
 
 
 def test_pending_request_is_answered_after_a_restart(

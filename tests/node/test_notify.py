@@ -160,12 +160,15 @@ def test_positive_study_notifies_webhook_and_hl7_once_and_a_negative_one_neither
                   {"target": "er-hook", "kind": "webhook"}) == 1
     assert metric("ich_node_notifications", {"state": "sent"}) == 2
 
-    audit = [json.loads(line) for line in
-             (node.config.spool.path / "audit.jsonl").read_text().splitlines()]
-    notified = sorted((a["channel"], a["target"], a["outcome"], a["study_uid"])
+    def notified() -> list[tuple[str, str, str, str]]:
+        audit = [json.loads(line) for line in
+                 (node.config.spool.path / "audit.jsonl").read_text().splitlines()]
+        return sorted((a["channel"], a["target"], a["outcome"], a["study_uid"])
                       for a in audit if a["event"] == "notified")
-    assert notified == [("hl7", "ris", "sent", pos.study_uid),
-                        ("webhook", "er-hook", "sent", pos.study_uid)]
+
+    wait_until(lambda: len(notified()) >= 2, 10, what="two 'notified' audit lines")
+    assert notified() == [("hl7", "ris", "sent", pos.study_uid),
+                          ("webhook", "er-hook", "sent", pos.study_uid)]
 
 
 def test_targets_that_are_down_get_the_notification_once_they_are_up(
