@@ -255,3 +255,48 @@ class StateDB:
 def now() -> float:
     """Wall-clock time in seconds (state timestamps survive restarts)."""
     return time.time()
+
+
+class RetryQueueTable:
+    """The delivery bookkeeping that the outbound queue and the notification queue share:
+    rows in *table* go ``queued -> sending -> sent``; a failed attempt goes back to
+    ``queued`` with an exponential backoff, and to ``dead`` after ``max_attempts``."""
+
+    table: str  # set by each subclass; never from input
+
+    def __init__(self, db: StateDB, max_attempts: int, backoff_initial_s: float,
+                 backoff_max_s: float) -> None:
+        self.db = db
+        self.max_attempts = max_attempts
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+
+    def mark_sent(self, item_id: int) -> None:
+        """The peer took the item."""
+        with self.db.transaction() as cur:
+            cur.execute(f"UPDATE {self.table} SET state = 'sent', sent_at = ?,"
+                        " attempts = attempts + 1, last_error = NULL WHERE id = ?",
+                        (now(), item_id))
+
+    def mark_failed(self, item_id: int, error: str) -> str:
+        """Record a failed attempt; back off exponentially, dead after the cap. Returns the
+        new state (queued or dead)."""
+        with self.db.transaction() as cur:
+            row = cur.execute(f"SELECT attempts FROM {self.table} WHERE id = ?",
+                              (item_id,)).fetchone()
+            attempts = row["attempts"] + 1
+            if attempts >= self.max_attempts:
+                state, next_at = "dead", now()
+            else:
+                delay = min(self.backoff_max_s, self.backoff_initial_s * 2 ** (attempts - 1))
+                state, next_at = "queued", now() + delay
+            cur.execute(f"UPDATE {self.table} SET state = ?, attempts = ?, next_attempt_at = ?,"
+                        " last_error = ? WHERE id = ?",
+                        (state, attempts, next_at, error, item_id))
+        return state
+
+    def requeue_interrupted(self) -> int:
+        """Start-up: rows left ``sending`` by a crash are sent again (same id)."""
+        with self.db.transaction() as cur:
+            cur.execute(f"UPDATE {self.table} SET state = 'queued' WHERE state = 'sending'")
+            return cur.rowcount

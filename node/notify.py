@@ -32,7 +32,7 @@ from pydicom.errors import InvalidDicomError
 
 from node import __version__
 from node.config import NodeConfig, NotifyWhen
-from node.db import StateDB, now
+from node.db import RetryQueueTable, StateDB, now
 from node.jobs import Job
 
 LOGGER = logging.getLogger(__name__)
@@ -165,15 +165,10 @@ def plan(config: NodeConfig, job: Job, findings: Mapping[str, Any],
     return insert
 
 
-class SqliteNotificationQueue:
+class SqliteNotificationQueue(RetryQueueTable):
     """Notification rows in the node's state database."""
 
-    def __init__(self, db: StateDB, max_attempts: int, backoff_initial_s: float,
-                 backoff_max_s: float) -> None:
-        self.db = db
-        self.max_attempts = max_attempts
-        self.backoff_initial_s = backoff_initial_s
-        self.backoff_max_s = backoff_max_s
+    table = "notifications"
 
     @classmethod
     def from_config(cls, db: StateDB, config: NodeConfig) -> SqliteNotificationQueue:
@@ -200,36 +195,6 @@ class SqliteNotificationQueue:
             findings=json.loads(r["findings"] or "{}"),
             context=None if r["context"] is None else json.loads(r["context"]),
             created_at=r["created_at"]) for r in rows]
-
-    def mark_sent(self, item_id: int) -> None:
-        """The target took the notification."""
-        with self.db.transaction() as cur:
-            cur.execute("UPDATE notifications SET state = 'sent', sent_at = ?,"
-                        " attempts = attempts + 1, last_error = NULL WHERE id = ?",
-                        (now(), item_id))
-
-    def mark_failed(self, item_id: int, error: str) -> str:
-        """Record a failed attempt; back off exponentially, dead after the cap. Returns the
-        new state (queued or dead)."""
-        with self.db.transaction() as cur:
-            row = cur.execute("SELECT attempts FROM notifications WHERE id = ?",
-                              (item_id,)).fetchone()
-            attempts = row["attempts"] + 1
-            if attempts >= self.max_attempts:
-                state, next_at = "dead", now()
-            else:
-                delay = min(self.backoff_max_s, self.backoff_initial_s * 2 ** (attempts - 1))
-                state, next_at = "queued", now() + delay
-            cur.execute("UPDATE notifications SET state = ?, attempts = ?, next_attempt_at = ?,"
-                        " last_error = ? WHERE id = ?",
-                        (state, attempts, next_at, error, item_id))
-        return state
-
-    def requeue_interrupted(self) -> int:
-        """Start-up: rows left ``sending`` by a crash are sent again (same id)."""
-        with self.db.transaction() as cur:
-            cur.execute("UPDATE notifications SET state = 'queued' WHERE state = 'sending'")
-            return cur.rowcount
 
     def resend_dead(self, study_uid: str) -> int:
         """Queue the dead notifications of *study_uid* again with a fresh retry budget (sent

@@ -28,7 +28,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.audit import AuditLog
 from node.config import ConfigError, Destination, NodeConfig
-from node.db import StateDB, now
+from node.db import RetryQueueTable, now
 from node.metrics import NodeMetrics
 from node.monitoring import job_origin
 from node.tls import tls_args
@@ -83,15 +83,10 @@ def set_nodelay(event: evt.Event) -> None:
         sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-class SqliteOutboundQueue:
+class SqliteOutboundQueue(RetryQueueTable):
     """Outbound rows in the node's state database."""
 
-    def __init__(self, db: StateDB, max_attempts: int, backoff_initial_s: float,
-                 backoff_max_s: float) -> None:
-        self.db = db
-        self.max_attempts = max_attempts
-        self.backoff_initial_s = backoff_initial_s
-        self.backoff_max_s = backoff_max_s
+    table = "outbound"
 
     def claim_due(self, limit: int = 8) -> list[OutboundItem]:
         """Take the items whose retry time has come (state becomes ``sending``): urgent
@@ -104,32 +99,6 @@ class SqliteOutboundQueue:
                 cur.execute("UPDATE outbound SET state = 'sending' WHERE id = ?", (row["id"],))
         return [OutboundItem(r["id"], r["job_id"], r["study_uid"], r["destination"],
                              json.loads(r["files"]), r["attempts"]) for r in rows]
-
-    def mark_sent(self, item_id: int) -> None:
-        """The destination took every file."""
-        with self.db.transaction() as cur:
-            cur.execute("UPDATE outbound SET state = 'sent', sent_at = ?, attempts = attempts + 1,"
-                        " last_error = NULL WHERE id = ?", (now(), item_id))
-
-    def mark_failed(self, item_id: int, error: str) -> str:
-        """Record a failed attempt; back off exponentially, dead after the cap."""
-        with self.db.transaction() as cur:
-            row = cur.execute("SELECT attempts FROM outbound WHERE id = ?", (item_id,)).fetchone()
-            attempts = row["attempts"] + 1
-            if attempts >= self.max_attempts:
-                state, next_at = "dead", now()
-            else:
-                delay = min(self.backoff_max_s, self.backoff_initial_s * 2 ** (attempts - 1))
-                state, next_at = "queued", now() + delay
-            cur.execute("UPDATE outbound SET state = ?, attempts = ?, next_attempt_at = ?,"
-                        " last_error = ? WHERE id = ?", (state, attempts, next_at, error, item_id))
-        return state
-
-    def requeue_interrupted(self) -> int:
-        """Start-up: rows left ``sending`` by a crash are sent again."""
-        with self.db.transaction() as cur:
-            cur.execute("UPDATE outbound SET state = 'queued' WHERE state = 'sending'")
-            return cur.rowcount
 
     def resend_study(self, study_uid: str) -> int:
         """Queue every result of *study_uid* again with a fresh retry budget."""
