@@ -96,6 +96,7 @@ class Receiver(Protocol):
     """A C-STORE SCP started fresh in *workdir* for one send."""
 
     name: str
+    key: str  # the name for --only
     aet: str
     fsync: str
     max_pdu: int
@@ -131,7 +132,7 @@ def _terminate(process: subprocess.Popen[Any] | None, timeout_s: float = 30.0) -
 class StoreScp:
     """dcmtk storescp, plain (no --fork), default options but the PDU size."""
 
-    name, aet, fsync = "storescp (dcmtk)", "STORESCP", "no (no option)"
+    name, key, aet, fsync = "storescp (dcmtk)", "storescp", "STORESCP", "no (no option)"
 
     def __init__(self, max_pdu: int = DCMTK_PDU) -> None:
         self.max_pdu = max_pdu
@@ -167,6 +168,7 @@ class NodeProcess:
     def __init__(self, fsync: bool) -> None:
         self.fsync_on = fsync
         self.name = "node" if fsync else "node, fsync off"
+        self.key = "node" if fsync else "node-nofsync"
         self.fsync = "yes (file, folder; index WAL NORMAL)" if fsync else "no (spool.fsync false)"
         self.process: subprocess.Popen[bytes] | None = None
         self.spool: Path | None = None
@@ -222,7 +224,7 @@ class NodeProcess:
 class OrthancReceiver:
     """Orthanc 1.10 (Debian binary) via tests/helpers/orthanc.py, default storage options."""
 
-    name, aet, fsync = "Orthanc", "ORTHANC", "yes (SyncStorageArea)"
+    name, key, aet, fsync = "Orthanc", "orthanc", "ORTHANC", "yes (SyncStorageArea)"
 
     def __init__(self, max_pdu: int = DCMTK_PDU) -> None:
         self.max_pdu = max_pdu
@@ -250,7 +252,8 @@ class OrthancReceiver:
 class BareScp:
     """A pynetdicom SCP that writes and fsyncs the received bytes: nothing else."""
 
-    name, aet, fsync, max_pdu = "pynetdicom bare SCP", "BARE_SCP", "yes (file)", NODE_PDU
+    name, key, aet, fsync = "pynetdicom bare SCP", "bare", "BARE_SCP", "yes (file)"
+    max_pdu = NODE_PDU
 
     def __init__(self) -> None:
         self.process: subprocess.Popen[bytes] | None = None
@@ -387,7 +390,7 @@ def table(results: list[Measured], megabytes: float) -> str:
 
 
 def run_benchmark(slices: int, rows: int, rounds: int, keep: Path | None,
-                  dcmtk_pdu: int = DCMTK_PDU) -> int:
+                  dcmtk_pdu: int = DCMTK_PDU, only: Sequence[str] = ()) -> int:
     """Generate the series, measure every receiver, print the table and the ratios."""
     base = keep or Path(tempfile.mkdtemp(prefix="ich-bench-"))
     try:
@@ -399,6 +402,8 @@ def run_benchmark(slices: int, rows: int, rounds: int, keep: Path | None,
         receivers: list[Receiver] = [StoreScp(dcmtk_pdu), NodeProcess(fsync=True),
                                      OrthancReceiver(dcmtk_pdu),
                                      BareScp(), NodeProcess(fsync=False)]
+        if only:  # a quick look at some receivers; the ratios need storescp, node and Orthanc
+            receivers = [r for r in receivers if r.key in only]
         results = [Measured(r) for r in receivers]
         for round_no in range(rounds):
             order = results if round_no % 2 == 0 else list(reversed(results))
@@ -412,19 +417,21 @@ def run_benchmark(slices: int, rows: int, rounds: int, keep: Path | None,
         if keep is None:
             shutil.rmtree(base, ignore_errors=True)
     by_name = {m.receiver.name: m for m in results}
-    node, scp, orthanc = by_name["node"], by_name["storescp (dcmtk)"], by_name["Orthanc"]
-    vs_scp = scp.median / node.median
-    vs_orthanc = orthanc.median / node.median
     print()
     print(f"{datetime.date.today().isoformat()}, {machine()}; {slices} x {rows}x{rows} "
           f"({megabytes:.1f} MB), storescu one association, TCP_NODELAY=1, median of {rounds}")
     print()
     print(table(results, megabytes))
     print()
-    print(f"node / storescp throughput: {vs_scp:.2f} (target >= 0.3: "
-          f"{'met' if vs_scp >= 0.3 else 'MISSED'})")
-    print(f"node / Orthanc throughput:  {vs_orthanc:.2f} (target >= 1.3: "
-          f"{'met' if vs_orthanc >= 1.3 else 'MISSED'})")
+    node, scp, orthanc = (by_name.get(n) for n in ("node", "storescp (dcmtk)", "Orthanc"))
+    if node is not None and scp is not None:
+        vs_scp = scp.median / node.median
+        print(f"node / storescp throughput: {vs_scp:.2f} (target >= 0.3: "
+              f"{'met' if vs_scp >= 0.3 else 'MISSED'})")
+    if node is not None and orthanc is not None:
+        vs_orthanc = orthanc.median / node.median
+        print(f"node / Orthanc throughput:  {vs_orthanc:.2f} (target >= 1.3: "
+              f"{'met' if vs_orthanc >= 1.3 else 'MISSED'})")
     return 0
 
 
@@ -442,6 +449,7 @@ def profile_node(slices: int, rows: int, top: int) -> int:
     time goes (tottime and cumulative)."""
     from node.app import Node
     from node.config import load_config
+    from node.logs import setup_logging
 
     base = Path(tempfile.mkdtemp(prefix="ich-bench-profile-"))
     profiles: list[cProfile.Profile] = []
@@ -462,6 +470,7 @@ def profile_node(slices: int, rows: int, top: int) -> int:
             "assembly": {"quiet_seconds": 3600, "release_grace_seconds": None},
             "http": {"port": 0}, "logging": {"level": "WARNING"},
         }, environ={})
+        setup_logging(config.logging)  # as `ich-node run` does (pynetdicom's log handlers)
         node = Node(config)
         threading.setprofile(_per_thread)
         node.start()
@@ -496,6 +505,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="max PDU that storescp and Orthanc receive (default 16384, their "
                              "own default; at most 131072)")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep the series")
+    parser.add_argument("--only", nargs="+", default=(), metavar="RECEIVER",
+                        choices=("storescp", "node", "orthanc", "bare", "node-nofsync"),
+                        help="measure only these receivers (storescp node orthanc bare "
+                             "node-nofsync); the default is all five")
     parser.add_argument("--profile", action="store_true",
                         help="profile one send to an in-process node instead")
     parser.add_argument("--top", type=int, default=30, help="rows of profile output")
@@ -512,7 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run: Callable[[], int] = (
         (lambda: profile_node(args.slices, args.rows, args.top)) if args.profile
         else (lambda: run_benchmark(args.slices, args.rows, args.rounds, args.keep,
-                                    args.dcmtk_pdu)))
+                                    args.dcmtk_pdu, args.only)))
     return run()
 
 

@@ -14,6 +14,7 @@ import re
 import shutil
 import sqlite3
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -27,6 +28,7 @@ from pynetdicom.dimse_primitives import C_STORE
 
 from node.assembler import SeriesAssembler
 from node.config import DicomConfig
+from node.dsheader import PIXEL_TAGS, WANTED, scan_header
 from node.filemeta import PREAMBLE, encode_file_meta
 from node.metrics import NodeMetrics
 from node.spool import InstanceHeader, Spool, StoreOutcome
@@ -148,14 +150,19 @@ def handle_echo(event: evt.Event) -> int:
     return SUCCESS
 
 
-def _header(ds: Dataset, request: C_STORE) -> InstanceHeader:
+HeaderValues = Mapping[str, object]  # keyword -> value, the keywords of dsheader.WANTED
+
+
+def _header(values: HeaderValues, request: C_STORE) -> InstanceHeader:
     missing = [k for k in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID",
-                           "SeriesInstanceUID") if not str(ds.get(k, "") or "").strip()]
+                           "SeriesInstanceUID") if not str(values.get(k, "") or "").strip()]
     if missing:
         raise StoreRejected(CANNOT_UNDERSTAND_MISSING_UID,
                             f"data set has no {', '.join(missing)}", "missing_uid")
-    header = InstanceHeader(str(ds.SOPInstanceUID).strip(), str(ds.SOPClassUID).strip(),
-                            str(ds.StudyInstanceUID).strip(), str(ds.SeriesInstanceUID).strip())
+    header = InstanceHeader(str(values["SOPInstanceUID"]).strip(),
+                            str(values["SOPClassUID"]).strip(),
+                            str(values["StudyInstanceUID"]).strip(),
+                            str(values["SeriesInstanceUID"]).strip())
     invalid = [k for k, v in (("SOPInstanceUID", header.sop_uid),
                               ("StudyInstanceUID", header.study_uid),
                               ("SeriesInstanceUID", header.series_uid))
@@ -175,35 +182,46 @@ def _header(ds: Dataset, request: C_STORE) -> InstanceHeader:
     return header
 
 
-_PIXEL_DATA_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})  # integer, float, double
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
-def _parse_header(event: evt.Event) -> tuple[Dataset, int | None]:
-    """The data set up to its pixel data, and the pixel data's encoded length (None when
-    there is none). Reads the received bytes in place; pixel data is neither copied nor
-    decoded (STYLE: the association thread only spools)."""
+def _parse_header(event: evt.Event) -> tuple[HeaderValues, int | None]:
+    """The values the handler checks (:data:`node.dsheader.WANTED`) and the pixel data's
+    encoded length (None when there is none). Reads the received bytes in place; pixel
+    data is neither copied nor decoded (STYLE: the association thread only spools). The
+    short scan of :mod:`node.dsheader` first, pydicom when it declines."""
     request = cast(C_STORE, event.request)
     syntax = event.context.transfer_syntax
+    stream = cast(BytesIO, request.DataSet)
+    if syntax.is_little_endian and not syntax.is_deflated:
+        with stream.getbuffer() as buffer:
+            scan = scan_header(buffer, syntax.is_implicit_VR)
+        if scan is not None:
+            return scan.values, scan.pixel_length
     if syntax.is_deflated:  # the whole stream must be inflated first
         ds = event.dataset
-        return ds, (len(ds.PixelData) if "PixelData" in ds else None)
-    stream = cast(BytesIO, request.DataSet)
+        return _values(ds), (len(ds.PixelData) if "PixelData" in ds else None)
     stream.seek(0)
     found: list[int] = []
 
     def at_pixels(tag: int, vr: str | None, length: int) -> bool:
-        if tag in _PIXEL_DATA_TAGS:
+        if tag in PIXEL_TAGS:
             found.append(length)
             return True
         return False
 
     ds = read_dataset(stream, syntax.is_implicit_VR, syntax.is_little_endian,
                       stop_when=at_pixels)
-    return ds, (found[0] if found else None)
+    return _values(ds), (found[0] if found else None)
 
 
-def _check_pixel_data(ds: Dataset, pixel_length: int | None, transfer_syntax: str) -> None:
+def _values(ds: Dataset) -> dict[str, object]:
+    """The :data:`node.dsheader.WANTED` values of a pydicom data set."""
+    return {keyword: ds.get(keyword) for keyword, _ in WANTED.values() if keyword in ds}
+
+
+def _check_pixel_data(values: HeaderValues, pixel_length: int | None,
+                      transfer_syntax: str) -> None:
     """Pixel data must exist and, for native syntaxes, have the size the header implies.
     Nothing is decoded."""
     if pixel_length is None:
@@ -215,16 +233,27 @@ def _check_pixel_data(ds: Dataset, pixel_length: int | None, transfer_syntax: st
         raise StoreRejected(CANNOT_UNDERSTAND_PIXEL_DATA,
                             "encapsulated Pixel Data in a native transfer syntax",
                             "pixel_data_size")
+    absent = [k for k in ("Rows", "Columns", "BitsAllocated") if values.get(k) is None]
+    if absent:
+        raise StoreRejected(CANNOT_UNDERSTAND_PIXEL_DATA,
+                            f"image pixel module incomplete: no {', '.join(absent)}",
+                            "bad_pixel_module")
     try:
-        expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
-                    * int(ds.get("NumberOfFrames", 1) or 1) * int(ds.BitsAllocated)) // 8
-    except (AttributeError, TypeError, ValueError) as exc:
+        expected = (_int(values["Rows"]) * _int(values["Columns"])
+                    * _int(values.get("SamplesPerPixel", 1))
+                    * _int(values.get("NumberOfFrames", 1) or 1)
+                    * _int(values["BitsAllocated"])) // 8
+    except (TypeError, ValueError) as exc:
         raise StoreRejected(CANNOT_UNDERSTAND_PIXEL_DATA,
                             f"image pixel module incomplete: {exc}", "bad_pixel_module") from exc
     if pixel_length < expected:
         raise StoreRejected(CANNOT_UNDERSTAND_PIXEL_DATA,
                             f"Pixel Data has {pixel_length} bytes, the header implies {expected}",
                             "pixel_data_size")
+
+
+def _int(value: object) -> int:
+    return int(value)  # type: ignore[call-overload]  # TypeError for None or a list: caught
 
 
 def handle_store(event: evt.Event, spool: Spool, assembler: SeriesAssembler,
@@ -242,9 +271,9 @@ def handle_store(event: evt.Event, spool: Spool, assembler: SeriesAssembler,
         return SUCCESS
     try:
         try:
-            ds, pixel_length = _parse_header(event)
-            header = _header(ds, request)
-            _check_pixel_data(ds, pixel_length, str(event.context.transfer_syntax))
+            values, pixel_length = _parse_header(event)
+            header = _header(values, request)
+            _check_pixel_data(values, pixel_length, str(event.context.transfer_syntax))
         except StoreRejected:
             raise
         except Exception as exc:  # pydicom raises many types on malformed input

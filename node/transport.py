@@ -45,16 +45,23 @@ Behaviour is otherwise pynetdicom's own.
 from __future__ import annotations
 
 import logging
+import os
+import queue
+import select
 import socket
 import ssl
+import struct
 import threading
+import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.fsm import TRANSITION_TABLE, StateMachine
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
@@ -66,12 +73,18 @@ from node.tls import describe_peer
 LOGGER = logging.getLogger(__name__)
 
 DUL_IDLE_SLEEP_S = 0.0002
+DUL_IDLE_WAIT_S = 0.005  # an idle DUL loop blocks in select() at most this long
+REACTOR_IDLE_WAIT_S = 0.001  # pynetdicom's association reactor sleeps this long per loop
 MIN_PDU_LENGTH_LIMIT = 1024 * 1024  # bytes; an A-ASSOCIATE-RQ may be larger than max_pdu_bytes
 RECV_CHUNK_BYTES = 1024 * 1024  # a receive buffer grows by at most this much ahead of the data
 # A-ABORT, PS3.8 9.3.8: source 2 = DICOM UL service-provider, reason 6 = invalid PDU
 # parameter value.
 ABORT_SOURCE_PROVIDER = 0x02
 ABORT_INVALID_PDU_PARAMETER = 0x06
+C_STORE_RSP_COMMAND_FIELD = 0x8001  # PS3.7 E.1
+NO_DATA_SET = 0x0101  # CommandDataSetType: no data set follows
+LAST_COMMAND_FRAGMENT = b"\x03"  # PDV message control header: command, last fragment
+PDV_OVERHEAD_BYTES = 6  # PDV item length (4) + context ID (1) + control header (1)
 
 
 def pdu_length_limit(max_pdu_bytes: int) -> int | None:
@@ -146,11 +159,57 @@ class FastAssociationSocket(AssociationSocket):
                           "bytes")
 
 
+def _element(tag: int, value: bytes) -> bytes:
+    """One command-set element, Implicit VR Little Endian (PS3.7 6.3.1)."""
+    return struct.pack("<HHI", 0x0000, tag, len(value)) + value
+
+
+def _uid_value(uid: str) -> bytes:
+    value = uid.encode("ascii")
+    return value + b"\0" if len(value) % 2 else value
+
+
+def encode_c_store_rsp(sop_class_uid: str, sop_instance_uid: str, message_id: int,
+                       status: int) -> bytes:
+    """The command set of a C-STORE-RSP without data set or error elements (PS3.7 9.3.1.2),
+    the bytes pynetdicom's pydicom-based encoder writes (tests/node/test_transport.py)."""
+    body = b"".join((
+        _element(0x0002, _uid_value(sop_class_uid)),
+        _element(0x0100, struct.pack("<H", C_STORE_RSP_COMMAND_FIELD)),
+        _element(0x0120, struct.pack("<H", message_id)),
+        _element(0x0800, struct.pack("<H", NO_DATA_SET)),
+        _element(0x0900, struct.pack("<H", status)),
+        _element(0x1000, _uid_value(sop_instance_uid)),
+    ))
+    return _element(0x0000, struct.pack("<I", len(body))) + body
+
+
 class GuardedDIMSEServiceProvider(DIMSEServiceProvider):
     """pynetdicom's DIMSE provider; a message that does not decode aborts the association
-    instead of killing the DUL thread."""
+    instead of killing the DUL thread. A plain C-STORE response (a status, no error
+    elements) is encoded by :func:`encode_c_store_rsp` instead of through a pydicom data
+    set, which cost about as much as writing the instance to the spool."""
 
     metrics: NodeMetrics | None = None
+
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        """Send *primitive*; a plain C-STORE-RSP by the short path (class docstring)."""
+        if (type(primitive) is C_STORE and primitive.MessageIDBeingRespondedTo is not None
+                and primitive.Status is not None and primitive.ErrorComment is None
+                and primitive.OffendingElement is None
+                and primitive.AffectedSOPClassUID and primitive.AffectedSOPInstanceUID
+                and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT)):
+            command = encode_c_store_rsp(primitive.AffectedSOPClassUID,
+                                         primitive.AffectedSOPInstanceUID,
+                                         primitive.MessageIDBeingRespondedTo, primitive.Status)
+            max_pdu = self.maximum_pdu_size
+            if not max_pdu or len(command) + PDV_OVERHEAD_BYTES <= max_pdu:
+                pdata = P_DATA()
+                pdata.presentation_data_value_list.append((context_id, LAST_COMMAND_FRAGMENT
+                                                           + command))
+                self.dul.send_pdu(pdata)
+                return
+        super().send_msg(primitive, context_id)
 
     def receive_primitive(self, primitive: P_DATA) -> None:
         """Collect a P-DATA fragment; Evt19 (A-ABORT) when the message does not decode."""
@@ -218,6 +277,185 @@ class AbortTolerantStateMachine(StateMachine):
         assoc._kill = True
 
 
+class PromptDUL(DULServiceProvider):
+    """pynetdicom's DUL provider; when idle it waits for the socket or for a primitive to
+    send instead of polling.
+
+    pynetdicom 3.0.4's DUL reactor sleeps ``_run_loop_delay`` between looks at the socket
+    and at its outgoing queue: a short delay costs a core's worth of polling per idle
+    association, a long one delays every C-STORE-RSP. Here an idle loop blocks in
+    ``select`` on the socket and on a wake-up pipe that :meth:`send_pdu` and
+    :meth:`kill_dul` write to, for at most :data:`DUL_IDLE_WAIT_S` (the ARTIM timer and
+    the other checks still run that often). The loop is pynetdicom's otherwise, statement
+    for statement; over TLS (buffered bytes that ``select`` cannot see) it keeps
+    pynetdicom's sleep.
+    """
+
+    _wake_r: int = -1
+    _wake_w: int = -1
+    _wake_lock: threading.Lock  # guards _wake_w: never write to a closed (reused) fd
+
+    def send_pdu(self, primitive: Any) -> None:
+        super().send_pdu(primitive)
+        self._wake()
+
+    def kill_dul(self) -> None:
+        super().kill_dul()
+        self._wake()
+
+    def _wake(self) -> None:
+        lock = getattr(self, "_wake_lock", None)
+        if lock is None:  # the reactor has not started
+            return
+        with lock:
+            if self._wake_w >= 0:
+                try:
+                    os.write(self._wake_w, b"w")
+                except BlockingIOError:  # the pipe is full: a wake-up is already pending
+                    pass
+
+    def _wait_idle(self) -> None:
+        """Block until the socket is readable, a primitive is queued, or the idle wait ends."""
+        sock = self.socket.socket if self.socket is not None else None
+        if (self._wake_r < 0 or sock is None or isinstance(sock, ssl.SSLSocket)
+                or not self.socket._is_connected):  # type: ignore[union-attr]
+            time.sleep(self._run_loop_delay)
+            return
+        try:
+            readable, _, _ = select.select([sock.fileno(), self._wake_r], [], [],
+                                           DUL_IDLE_WAIT_S)
+        except (OSError, ValueError):  # the socket closed under us: the next loop's
+            return  # transport check reports it (Evt17), as pynetdicom's own loop does
+        if self._wake_r in readable:
+            try:
+                os.read(self._wake_r, 4096)
+            except BlockingIOError:
+                pass
+
+    def run_reactor(self) -> None:
+        self._wake_lock = threading.Lock()
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        with self._wake_lock:
+            self._wake_r, self._wake_w = wake_r, wake_w
+        try:
+            self._run_prompt_reactor()
+        finally:
+            with self._wake_lock:
+                self._wake_r = self._wake_w = -1
+                os.close(wake_r)
+                os.close(wake_w)
+
+    def _run_prompt_reactor(self) -> None:
+        self._idle_timer.start()
+        self.socket = cast(AssociationSocket, self.socket)
+        idle = False
+        while True:
+            if not self.assoc._dul_ready.is_set():
+                self.assoc._dul_ready.set()
+            if idle:
+                self._wait_idle()
+            if self._kill_thread:
+                break
+            if self.artim_timer.expired:
+                self.event_queue.put("Evt18")
+            try:
+                if self._process_recv_primitive():
+                    pass
+                elif self._is_transport_event():
+                    self._idle_timer.restart()
+            except Exception as exc:
+                LOGGER.error("Exception in DUL.run(), aborting association")
+                LOGGER.exception(exc)
+                abort_pdu = A_ABORT_RQ()
+                abort_pdu.source = 0x02
+                abort_pdu.reason_diagnostic = 0x00
+                self.socket.send(abort_pdu.encode())
+                self.assoc.is_aborted = True
+                self.assoc.is_established = False
+                self.assoc._kill = True
+                self._kill_thread = True
+                return
+            try:
+                event = self.event_queue.get(block=False)
+            except queue.Empty:
+                idle = True
+                continue
+            self.state_machine.do_action(event)
+            idle = False
+
+
+class PromptAssociation(Association):
+    """pynetdicom's association; its reactor wakes as soon as a DIMSE message is queued.
+
+    pynetdicom 3.0.4's acceptor reactor sleeps 1 ms before every look at its message
+    queue, so each C-STORE waited half a millisecond on average (more with the kernel's
+    timer slack) before its handler ran. This loop is pynetdicom's, statement for
+    statement, except that the sleep is a wait on the queue's condition that ends when a
+    message arrives (at most the same 1 ms, so release, abort and timeouts are seen as
+    soon as before). The message is still taken after the pause checkpoint, so the
+    ``send_*`` methods that pause the reactor keep their guarantee.
+    """
+
+    def _wait_for_message(self, timeout_s: float) -> None:
+        """Return when the DIMSE queue holds a message, or after *timeout_s*."""
+        msg_queue = self.dimse.msg_queue
+        with msg_queue.not_empty:  # holds msg_queue.mutex: qsize() would deadlock
+            if not msg_queue.queue:
+                msg_queue.not_empty.wait(timeout_s)
+
+    def _run_reactor(self) -> None:
+        self._is_paused = False
+        while not self._kill:
+            self._wait_for_message(REACTOR_IDLE_WAIT_S)
+
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+
+            context_id, msg = self.dimse.get_msg(block=False)
+            if msg:
+                self._serve_request(msg, cast(int, context_id))
+
+            if self.is_established and self.acse.is_release_requested():
+                self.acse.send_release(is_response=True)
+                LOGGER.info("Association Released")
+                self.is_released = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_RELEASED, {})
+                self.kill()
+                return
+
+            if self.acse.is_aborted():
+                log_msg = "Association Aborted"
+                if self.acse.is_aborted("a-p-abort"):
+                    log_msg += " (A-P-ABORT)"
+                LOGGER.info(log_msg)
+                self.dul.receive_pdu(wait=False)  # EVT_ACSE_RECV for subscribers
+                self.is_aborted = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_ABORTED, {})
+                self.kill()
+                return
+
+            if not self.dul.is_alive():
+                self.kill()
+                return
+
+            if self.dul.idle_timer_expired():
+                LOGGER.error("Network timeout reached")
+                if self.network_timeout_response == "A-RELEASE":
+                    self._is_paused = True
+                    self._reactor_checkpoint.wait()
+                    self.release()
+                    self._is_paused = False
+                else:
+                    self.abort()
+                self.kill()
+                return
+
+
 TlsFailureHandler = Callable[[str, str], None]  # (peer address, reason)
 
 
@@ -271,6 +509,10 @@ class NodeRequestHandler(RequestHandler):
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
+        if type(assoc) is Association:  # noqa: E721 - exactly the base class
+            assoc.__class__ = PromptAssociation
+        if type(assoc.dul) is DULServiceProvider:  # noqa: E721 - exactly the base class
+            assoc.dul.__class__ = PromptDUL
         # The DUL thread sleeps this long when no PDU is waiting (pynetdicom: 1 ms); a
         # shorter nap answers each C-STORE sooner for a little more idle CPU.
         assoc.dul._run_loop_delay = DUL_IDLE_SLEEP_S
