@@ -267,27 +267,17 @@ def test_real_full_disk_write_fails_cleanly(make_node: Callable[..., Node], tmp_
 
     node = make_node()
     series = write_series(tmp_path / "in", 1, rows=32, seed=12)
-    real_open = open
+    real_write_all = spool_module._write_all
+    written: list[int] = []
 
-    def full_open(file: object, mode: str = "r", *args: object, **kwargs: object) -> object:
-        if "w" in mode and str(file).endswith(".part"):
-            handle = real_open(file, mode, *args, **kwargs)  # type: ignore[call-overload]
+    def full_write_all(fd: int, chunk: object) -> None:
+        real_write_all(fd, b"\0" * 100)  # a part of the file made it, then the disk is full
+        written.append(fd)
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-            class Full:
-                def __enter__(self) -> Full:
-                    return self
-
-                def __exit__(self, *exc: object) -> None:
-                    handle.close()
-
-                def write(self, data: bytes) -> int:
-                    raise OSError(errno.ENOSPC, "No space left on device")
-
-            return Full()
-        return real_open(file, mode, *args, **kwargs)  # type: ignore[call-overload]
-
-    monkeypatch.setattr(spool_module, "open", full_open, raising=False)
+    monkeypatch.setattr(spool_module, "_write_all", full_write_all)
     assert pynetdicom_send(node.port, series.files) == [handlers.OUT_OF_RESOURCES]
+    assert written, "the injected write failure was not reached"
     assert not list(node.spool.tmp_dir.iterdir())
     assert not list(node.spool.instances_dir.rglob("*.dcm"))
 
