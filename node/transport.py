@@ -66,6 +66,7 @@ from pynetdicom.fsm import TRANSITION_TABLE, StateMachine
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.utils import make_target
 
 from node.metrics import NodeMetrics
 from node.tls import describe_peer
@@ -84,6 +85,7 @@ ABORT_INVALID_PDU_PARAMETER = 0x06
 C_STORE_RSP_COMMAND_FIELD = 0x8001  # PS3.7 E.1
 NO_DATA_SET = 0x0101  # CommandDataSetType: no data set follows
 LAST_COMMAND_FRAGMENT = b"\x03"  # PDV message control header: command, last fragment
+P_DATA_TF_TYPE = 0x04  # PS3.8 9.3.1
 PDV_OVERHEAD_BYTES = 6  # PDV item length (4) + context ID (1) + control header (1)
 
 
@@ -314,6 +316,68 @@ class PromptDUL(DULServiceProvider):
                 except BlockingIOError:  # the pipe is full: a wake-up is already pending
                     pass
 
+    def _read_pdu_data(self) -> None:
+        """Read one PDU; a P-DATA-TF in Sta6 goes straight to the DIMSE provider.
+
+        That is what pynetdicom's own path ends in (Evt10 in Sta6 is DT-2, which hands
+        the P-DATA indication to the DIMSE provider and stays in Sta6), without copying
+        the PDU three times, decoding it into item objects and queueing it for the state
+        machine. Any other PDU, any other state, pending state-machine events, a handler
+        bound to the raw PDU events, TLS, or a PDU whose items do not add up: pynetdicom's
+        path, unchanged."""
+        header = self._peek_header()
+        if header is None:
+            super()._read_pdu_data()
+            return
+        sock = cast(AssociationSocket, self.socket)
+        pdu_length = int.from_bytes(header[2:6], "big")
+        try:
+            sock.recv(6)
+            body = sock.recv(pdu_length)
+        except (OSError, TimeoutError) as exc:  # as pynetdicom: Evt17, connection closed
+            LOGGER.error("Connection closed before the entire PDU was received: %s", exc)
+            self.event_queue.put("Evt17")
+            return
+        if len(body) != pdu_length:
+            LOGGER.error("The received PDU is shorter than expected (%d of %d bytes received)",
+                         6 + len(body), 6 + pdu_length)
+            self.event_queue.put("Evt17")
+            return
+        primitive = P_DATA()
+        view = memoryview(body)
+        offset = 0
+        while offset < pdu_length:
+            item_length = int.from_bytes(view[offset:offset + 4], "big")
+            end = offset + 4 + item_length
+            if item_length < 2 or end > pdu_length:  # no context ID and control header
+                LOGGER.error("Unable to decode the received P-DATA-TF PDU: a PDV item of "
+                             "%d bytes at offset %d of %d", item_length, offset, pdu_length)
+                self.event_queue.put("Evt19")  # invalid PDU: A-ABORT
+                return
+            # A view, not a copy: the DIMSE decoder only indexes, slices and writes it.
+            primitive.presentation_data_value_list.append(
+                (view[offset + 4], cast(bytes, view[offset + 5:end])))
+            offset = end
+        self.assoc.dimse.receive_primitive(primitive)
+
+    def _peek_header(self) -> bytes | None:
+        """The 6-byte header of a waiting P-DATA-TF PDU when the short path applies
+        (see :meth:`_read_pdu_data`), else None."""
+        sock = self.socket.socket if self.socket is not None else None
+        if (sock is None or isinstance(sock, ssl.SSLSocket)
+                or self.state_machine.current_state != "Sta6"
+                or not self.event_queue.empty()
+                or self.assoc.get_handlers(evt.EVT_DATA_RECV)
+                or self.assoc.get_handlers(evt.EVT_PDU_RECV)):
+            return None
+        try:
+            header = sock.recv(6, socket.MSG_PEEK)
+        except (OSError, ValueError):  # pynetdicom's path reads it again and reports
+            return None
+        if len(header) < 6 or header[0] != P_DATA_TF_TYPE:
+            return None
+        return header
+
     def _wait_idle(self) -> None:
         """Block until the socket is readable, a primitive is queued, or the idle wait ends."""
         sock = self.socket.socket if self.socket is not None else None
@@ -513,6 +577,9 @@ class NodeRequestHandler(RequestHandler):
             assoc.__class__ = PromptAssociation
         if type(assoc.dul) is DULServiceProvider:  # noqa: E721 - exactly the base class
             assoc.dul.__class__ = PromptDUL
+            # Thread.__init__ bound the thread's target to pynetdicom's run_reactor; bind it
+            # again, the same way (make_target: contextvars, as pynetdicom does), to ours.
+            assoc.dul._target = make_target(assoc.dul.run_reactor)  # type: ignore[attr-defined]
         # The DUL thread sleeps this long when no PDU is waiting (pynetdicom: 1 ms); a
         # shorter nap answers each C-STORE sooner for a little more idle CPU.
         assoc.dul._run_loop_delay = DUL_IDLE_SLEEP_S
