@@ -54,7 +54,9 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
+from io import BytesIO
 from typing import Any, cast
 
 from pynetdicom import AE, evt
@@ -85,7 +87,8 @@ RECV_CHUNK_BYTES = 1024 * 1024  # a receive buffer grows by at most this much ah
 # parameter value.
 ABORT_SOURCE_PROVIDER = 0x02
 ABORT_INVALID_PDU_PARAMETER = 0x06
-C_STORE_RSP_COMMAND_FIELD = 0x8001  # PS3.7 E.1
+C_STORE_RQ_COMMAND_FIELD = 0x0001  # PS3.7 E.1
+C_STORE_RSP_COMMAND_FIELD = 0x8001
 NO_DATA_SET = 0x0101  # CommandDataSetType: no data set follows
 LAST_COMMAND_FRAGMENT = b"\x03"  # PDV message control header: command, last fragment
 COMMAND_FRAGMENT = b"\x01"  # PDV message control header: command, more fragments follow
@@ -231,18 +234,153 @@ class GuardedDIMSEServiceProvider(DIMSEServiceProvider):
             return
         super().send_msg(primitive, context_id)
 
+    _store: _IncomingStore | None = None  # a C-STORE-RQ on the short path, data to come
+
     def receive_primitive(self, primitive: P_DATA) -> None:
-        """Collect a P-DATA fragment; Evt19 (A-ABORT) when the message does not decode."""
+        """Collect a P-DATA fragment; Evt19 (A-ABORT) when the message does not decode.
+
+        A C-STORE request whose command set arrives whole in one fragment and holds only
+        the elements of PS3.7 9.3.1.1 is decoded by :func:`decode_c_store_rq` and its data
+        set collected here, into the same C-STORE primitive pynetdicom would queue. Any
+        other message, or a handler bound to received DIMSE messages, takes pynetdicom's
+        path."""
         try:
+            if self._store is not None or (self.message is None and self._start_store(primitive)):
+                self._collect_store(primitive)
+                return
             super().receive_primitive(primitive)
         except Exception as exc:  # pynetdicom's decoder raises many types on malformed input
             self.message = None
+            self._store = None
             if self.metrics is not None:
                 self.metrics.protocol_errors.labels(reason="bad_dimse_message").inc()
             LOGGER.warning("protocol error from %s: DIMSE message does not decode (%s: %s); "
                            "sending A-ABORT", self.assoc.requestor.address,
                            type(exc).__name__, exc)
             self.dul.event_queue.put("Evt19")  # invalid PDU: AA-8 sends the A-ABORT
+
+
+    def _start_store(self, primitive: P_DATA) -> bool:
+        """Begin the short path when *primitive* starts with a whole C-STORE-RQ command."""
+        pdvs = primitive.presentation_data_value_list
+        if (not pdvs or self.assoc.get_handlers(evt.EVT_DIMSE_RECV)
+                or pynetdicom_config.STORE_RECV_CHUNKED_DATASET):
+            return False
+        context_id, data = pdvs[0]
+        if len(data) < 2 or data[0] != LAST_COMMAND_FRAGMENT[0]:
+            return False
+        fields = decode_c_store_rq(data[1:])
+        if fields is None:
+            return False
+        request = C_STORE()
+        request.MessageID = fields.message_id
+        request.AffectedSOPClassUID = fields.sop_class_uid
+        request.AffectedSOPInstanceUID = fields.sop_instance_uid
+        request.Priority = fields.priority
+        if fields.move_originator_aet is not None:
+            request.MoveOriginatorApplicationEntityTitle = fields.move_originator_aet
+        if fields.move_originator_message_id is not None:
+            request.MoveOriginatorMessageID = fields.move_originator_message_id
+        self._store = _IncomingStore(request, context_id, BytesIO(), first_pdv=1)
+        return True
+
+    def _collect_store(self, primitive: P_DATA) -> None:
+        """Append the data set fragments of the short-path C-STORE; queue it when whole."""
+        store = self._store
+        assert store is not None
+        pdvs = primitive.presentation_data_value_list
+        for index in range(store.first_pdv, len(pdvs)):
+            data = pdvs[index][1]
+            if not data or data[0] & 1:  # a command fragment inside a data set
+                raise ValueError("command fragment where data set fragments were expected")
+            store.data.write(data[1:])
+            if data[0] & 2:  # the last fragment
+                if index != len(pdvs) - 1:
+                    raise ValueError("PDVs after the last fragment of a data set")
+                request = store.request
+                request.DataSet = store.data
+                request._context_id = store.context_id
+                self._store = None
+                self.msg_queue.put((store.context_id, request))
+                return
+        store.first_pdv = 0
+
+
+@dataclass
+class _IncomingStore:
+    """A C-STORE request on the short path while its data set arrives."""
+
+    request: C_STORE
+    context_id: int
+    data: BytesIO
+    first_pdv: int  # PDVs of the current P-DATA before this index were the command
+
+
+@dataclass(frozen=True)
+class CStoreRequestFields:
+    """The command set of a C-STORE-RQ (PS3.7 9.3.1.1)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    message_id: int
+    priority: int
+    move_originator_aet: str | None
+    move_originator_message_id: int | None
+
+
+_C_STORE_RQ_UI = {0x0002: "sop_class_uid", 0x1000: "sop_instance_uid"}
+_C_STORE_RQ_US = {0x0100: "command_field", 0x0110: "message_id", 0x0700: "priority",
+                  0x0800: "data_set_type", 0x1031: "move_originator_message_id"}
+
+
+def decode_c_store_rq(command: bytes | memoryview) -> CStoreRequestFields | None:
+    """The fields of an Implicit VR Little Endian C-STORE-RQ command set that carries a
+    data set; None for anything else (another command, another element, a bad length),
+    which pynetdicom then decodes (``tests/node/test_transport.py``)."""
+    view = memoryview(command)
+    uids: dict[str, str] = {}
+    shorts: dict[str, int] = {}
+    aet: str | None = None
+    pos = 0
+    while pos < len(view):
+        if len(view) - pos < 8:
+            return None
+        group, element, length = _TAG_LEN.unpack_from(view, pos)
+        pos += 8
+        if group != 0x0000 or pos + length > len(view):
+            return None
+        value = view[pos:pos + length]
+        pos += length
+        if element == 0x0000:
+            continue  # Command Group Length: the PDV length already delimits the set
+        if element in _C_STORE_RQ_UI:
+            try:
+                uids[_C_STORE_RQ_UI[element]] = bytes(value).decode("ascii").rstrip("\0 ")
+            except UnicodeDecodeError:
+                return None
+        elif element in _C_STORE_RQ_US:
+            if length != 2:
+                return None
+            shorts[_C_STORE_RQ_US[element]] = _U16.unpack_from(value)[0]
+        elif element == 0x1030:  # Move Originator Application Entity Title
+            try:
+                aet = bytes(value).decode("ascii").strip()
+            except UnicodeDecodeError:
+                return None
+        else:
+            return None
+    if (shorts.get("command_field") != C_STORE_RQ_COMMAND_FIELD
+            or shorts.get("data_set_type", NO_DATA_SET) == NO_DATA_SET
+            or "message_id" not in shorts or "priority" not in shorts
+            or not uids.get("sop_class_uid") or not uids.get("sop_instance_uid")):
+        return None
+    return CStoreRequestFields(uids["sop_class_uid"], uids["sop_instance_uid"],
+                               shorts["message_id"], shorts["priority"], aet,
+                               shorts.get("move_originator_message_id"))
+
+
+_TAG_LEN = struct.Struct("<HHI")
+_U16 = struct.Struct("<H")
 
 
 # Local user primitives (PS3.8 Table 9-10): A-ASSOCIATE response accept/reject, P-DATA

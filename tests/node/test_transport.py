@@ -17,14 +17,15 @@ from typing import Any
 import pytest
 from pydicom import Dataset, dcmread
 from pynetdicom import AE, evt
-from pynetdicom.dimse_messages import C_STORE_RSP
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ, C_STORE_RSP
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import decode
 from pynetdicom.sop_class import CTImageStorage
 
 from node.transport import (
     PromptAssociation,
     PromptDUL,
+    decode_c_store_rq,
     encode_c_store_rsp,
     send_command,
     start_listener,
@@ -47,6 +48,41 @@ def test_c_store_rsp_bytes_equal_pynetdicom(status: int, instance_uid: str) -> N
     [(context_id, pdv)] = pdata.presentation_data_value_list
     assert context_id == 1 and pdv[0] == 0x03
     assert encode_c_store_rsp(CTImageStorage, instance_uid, 7, status) == pdv[1:]
+
+
+@pytest.mark.parametrize("move", [False, True], ids=["plain", "move-originator"])
+def test_c_store_rq_decodes_as_pynetdicom_does(move: bool) -> None:
+    primitive = C_STORE()
+    primitive.MessageID = 513
+    primitive.AffectedSOPClassUID = CTImageStorage
+    primitive.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.2.1125.1.123"
+    primitive.Priority = 1
+    if move:
+        primitive.MoveOriginatorApplicationEntityTitle = "MOVER"
+        primitive.MoveOriginatorMessageID = 9
+    primitive.DataSet = BytesIO(b"\x08\x00\x18\x00UI\x02\x001\x00")
+    message = C_STORE_RQ()
+    message.primitive_to_message(primitive)
+    command = next(iter(message.encode_msg(1, 0))).presentation_data_value_list[0][1][1:]
+    fields = decode_c_store_rq(command)
+    assert fields is not None
+    assert (fields.sop_class_uid, fields.sop_instance_uid, fields.message_id,
+            fields.priority) == (CTImageStorage, "1.2.826.0.1.3680043.2.1125.1.123", 513, 1)
+    assert fields.move_originator_aet == ("MOVER" if move else None)
+    assert fields.move_originator_message_id == (9 if move else None)
+
+
+def test_other_commands_are_left_to_pynetdicom() -> None:
+    echo = C_ECHO()
+    echo.MessageID = 1
+    echo.AffectedSOPClassUID = "1.2.840.10008.1.1"
+    message = C_ECHO_RQ()
+    message.primitive_to_message(echo)
+    command = next(iter(message.encode_msg(1, 0))).presentation_data_value_list[0][1][1:]
+    assert decode_c_store_rq(command) is None
+    store = encode_c_store_rsp(CTImageStorage, "1.2.3", 1, 0)  # a response, not a request
+    assert decode_c_store_rq(store) is None
+    assert decode_c_store_rq(b"\x00\x00\x02\x00\xff\x00\x00\x001.2") is None  # runs past
 
 
 class _FakeDUL:
