@@ -1,9 +1,20 @@
 """Transport tuning and hardening of the listener (pynetdicom's request handler and socket).
 
-pynetdicom's ``AssociationSocket.recv`` reads at most 4 KiB per system call and grows a
-bytearray as it goes; a 256 KiB P-DATA PDU costs 64 calls. :class:`FastAssociationSocket`
-reads straight into a buffer of the PDU's size. Measured with ``bench/ingest.py``
-(BENCHMARKS.md).
+Speed (``bench/ingest.py``, BENCHMARKS.md): every short path below ends where
+pynetdicom's own path would, with the same bytes and statuses, and falls back to
+pynetdicom's code for anything it does not cover (``tests/node/test_transport.py``).
+These classes replace pynetdicom's on each accepted association (``__class__``), so they
+follow pynetdicom 3.0.x's internals: ``setup.cfg`` pins ``pynetdicom<3.1``.
+
+- :class:`FastAssociationSocket`: pynetdicom's ``recv`` reads at most 4 KiB per system
+  call and grows a bytearray; a 256 KiB P-DATA PDU cost 64 calls. This one reads into a
+  buffer of the PDU's size.
+- :class:`PromptDUL`: waits in ``select`` instead of polling, and hands a P-DATA-TF in
+  Sta6 straight to the DIMSE provider (DT-2) without copying and queueing it.
+- :class:`GuardedDIMSEServiceProvider`: decodes a C-STORE-RQ command set by hand and
+  encodes the C-STORE-RSP by hand.
+- :class:`PromptAssociation`: wakes when a message is queued instead of sleeping 1 ms per
+  look, and serves a plain C-STORE without pynetdicom's Storage Service Class.
 
 These rules protect the node from malformed or hostile peers (``docs/fuzzing.md``):
 
