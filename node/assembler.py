@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
@@ -28,6 +29,7 @@ from node.triage import Triage
 LOGGER = logging.getLogger(__name__)
 
 _EPSILON_S = 0.005
+CLOSED_KEEP = 256  # closed associations whose release may still be reported
 
 
 class SeriesAssembler:
@@ -45,6 +47,9 @@ class SeriesAssembler:
         self._lock = threading.Lock()
         self._delivering: dict[str, set[int]] = {}
         self._by_assoc: dict[int, set[str]] = {}
+        # Series of associations whose connection closed before their release was seen:
+        # EVT_CONN_CLOSE runs on the DUL thread and can overtake EVT_RELEASED.
+        self._closed: OrderedDict[int, set[str]] = OrderedDict()
         self._armed: set[str] = set()  # series with a pending check; check() re-arms itself
 
     def instance_arrived(self, series_uid: str, calling_ae: str, assoc_id: int) -> None:
@@ -52,6 +57,7 @@ class SeriesAssembler:
         arrival recorded in the database, so a pending check is left as it is: when it
         fires too early it re-arms itself for the rest of the period."""
         with self._lock:
+            self._closed.pop(assoc_id, None)  # an id of a closed association, reused
             self._delivering.setdefault(series_uid, set()).add(assoc_id)
             self._by_assoc.setdefault(assoc_id, set()).add(series_uid)
             if series_uid in self._armed:
@@ -60,9 +66,21 @@ class SeriesAssembler:
         self._schedule(series_uid, self.config.quiet_for(calling_ae), early=False)
 
     def association_ended(self, assoc_id: int, released: bool) -> None:
-        """An association ended; on a release, check its idle series early."""
+        """An association ended; on a release, check its idle series early.
+
+        The connection's close (``released=False``) may be reported before the release
+        of the same association: the peer closes as soon as it has our A-RELEASE-RP,
+        and that event comes from another thread. Its series are then kept (the last
+        :data:`CLOSED_KEEP` associations) so that the release still earns the early
+        check."""
         with self._lock:
-            series = self._by_assoc.pop(assoc_id, set())
+            series = self._by_assoc.pop(assoc_id, None)
+            if series is None:
+                series = self._closed.pop(assoc_id, set()) if released else set()
+            elif not released:
+                self._closed[assoc_id] = series
+                while len(self._closed) > CLOSED_KEEP:
+                    self._closed.popitem(last=False)
             idle = []
             for uid in series:
                 senders = self._delivering.get(uid, set())

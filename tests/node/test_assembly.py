@@ -59,6 +59,25 @@ def test_release_triggers_an_early_check(make_node: Callable[..., Node], tmp_pat
     assert time.monotonic() - started < 10
 
 
+def test_release_reported_after_the_close_still_triggers_the_early_check(
+        make_node: Callable[..., Node], tmp_path: Path) -> None:
+    """The peer closes the connection as soon as it has the A-RELEASE-RP, so the node's
+    connection-closed event (DUL thread) can come before its released event (association
+    thread). The release must still bring the early check."""
+    node = make_node(assembly={"quiet_seconds": 30.0, "release_grace_seconds": 0.2})
+    series = write_series(tmp_path / "in", 3, rows=32, seed=46)
+    other = 0x5EED  # a second association delivering the same series, ended by hand
+    node.assembler.instance_arrived(series.series_uid, "PYNETDICOM", other)
+    pynetdicom_send(node.port, series.files)  # its release finds the series still busy
+    time.sleep(0.5)
+    assert _jobs(node) == []
+    started = time.monotonic()
+    node.assembler.association_ended(other, released=False)  # the close, reported first
+    node.assembler.association_ended(other, released=True)  # then the release
+    wait_until(lambda: len(_jobs(node)) == 1, 10, what="job after the late release")
+    assert time.monotonic() - started < 10
+
+
 def test_late_instance_after_analysis_causes_a_rerun(make_node: Callable[..., Node],
                                                      tmp_path: Path) -> None:
     node = make_node()
