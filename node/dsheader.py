@@ -40,10 +40,11 @@ SHORT_VRS = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b
                        b"US"})
 MAX_DEPTH = 16  # nested sequences deeper than this go to pydicom
 
-_TAG_LEN = struct.Struct("<HHI")  # implicit element, or an item: group, element, length
+# Little endian, shared with node.transport (command sets are Implicit VR Little Endian).
+TAG_LENGTH = struct.Struct("<HHI")  # implicit element, or an item: group, element, length
 _EXPLICIT = struct.Struct("<HH2sH")  # group, element, VR, 2-byte length
-_U32 = struct.Struct("<I")
-_U16 = struct.Struct("<H")
+U32 = struct.Struct("<I")
+U16 = struct.Struct("<H")
 
 
 class _Unplain(Exception):
@@ -79,7 +80,7 @@ def _walk(view: memoryview, pos: int, end: int, implicit_vr: bool, raw: dict[int
     while pos < end:
         if end - pos < 8:
             raise _Unplain
-        group, element, length = _TAG_LEN.unpack_from(view, pos)
+        group, element, length = TAG_LENGTH.unpack_from(view, pos)
         tag = group << 16 | element
         if not top and tag == ITEM_END:
             return pos + 8
@@ -93,7 +94,7 @@ def _walk(view: memoryview, pos: int, end: int, implicit_vr: bool, raw: dict[int
             if vr in LONG_VRS:
                 if end - pos < 12:
                     raise _Unplain
-                length = _U32.unpack_from(view, pos + 8)[0]
+                length = U32.unpack_from(view, pos + 8)[0]
                 pos += 12
             elif vr in SHORT_VRS:
                 length = short
@@ -124,7 +125,7 @@ def _skip_sequence(view: memoryview, pos: int, end: int, implicit_vr: bool, dept
     while True:
         if end - pos < 8:
             raise _Unplain
-        group, element, length = _TAG_LEN.unpack_from(view, pos)
+        group, element, length = TAG_LENGTH.unpack_from(view, pos)
         tag = group << 16 | element
         pos += 8
         if tag == SEQUENCE_END:
@@ -149,7 +150,7 @@ def _value(kind: str, value: bytes) -> str | int | None:
     if kind == "us":
         if len(value) != 2:  # several values, or none: let pydicom say what it makes of it
             raise _Unplain
-        return int(_U16.unpack(value)[0])
+        return int(U16.unpack(value)[0])
     text = value.decode("ascii").strip(" \0")
     if not text:
         return None

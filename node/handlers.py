@@ -28,7 +28,7 @@ from pynetdicom.dimse_primitives import C_STORE
 
 from node.assembler import SeriesAssembler
 from node.config import DicomConfig
-from node.dsheader import PIXEL_TAGS, WANTED, scan_header
+from node.dsheader import PIXEL_TAGS, UNDEFINED, WANTED, scan_header
 from node.filemeta import PREAMBLE, encode_file_meta
 from node.metrics import NodeMetrics
 from node.spool import InstanceHeader, Spool, StoreOutcome
@@ -182,9 +182,6 @@ def _header(values: HeaderValues, request: C_STORE) -> InstanceHeader:
     return header
 
 
-_UNDEFINED_LENGTH = 0xFFFFFFFF
-
-
 def _parse_header(event: evt.Event) -> tuple[HeaderValues, int | None]:
     """The values the handler checks (:data:`node.dsheader.WANTED`) and the pixel data's
     encoded length (None when there is none). Reads the received bytes in place; pixel
@@ -229,7 +226,7 @@ def _check_pixel_data(values: HeaderValues, pixel_length: int | None,
                             "no_pixel_data")
     if UID(transfer_syntax).is_encapsulated:
         return
-    if pixel_length == _UNDEFINED_LENGTH:
+    if pixel_length == UNDEFINED:
         raise StoreRejected(CANNOT_UNDERSTAND_PIXEL_DATA,
                             "encapsulated Pixel Data in a native transfer syntax",
                             "pixel_data_size")

@@ -11,10 +11,10 @@ follow pynetdicom 3.0.x's internals: ``setup.cfg`` pins ``pynetdicom<3.1``.
   buffer of the PDU's size.
 - :class:`PromptDUL`: waits in ``select`` instead of polling, and hands a P-DATA-TF in
   Sta6 straight to the DIMSE provider (DT-2) without copying and queueing it.
-- :class:`GuardedDIMSEServiceProvider`: decodes a C-STORE-RQ command set by hand and
-  encodes the C-STORE-RSP by hand.
+- :class:`GuardedDIMSEServiceProvider`: decodes a C-STORE-RQ command set by hand.
 - :class:`PromptAssociation`: wakes when a message is queued instead of sleeping 1 ms per
-  look, and serves a plain C-STORE without pynetdicom's Storage Service Class.
+  look, and serves a plain C-STORE without pynetdicom's Storage Service Class, its
+  response encoded by hand (:func:`encode_c_store_rsp`).
 
 These rules protect the node from malformed or hostile peers (``docs/fuzzing.md``):
 
@@ -61,7 +61,6 @@ import queue
 import select
 import socket
 import ssl
-import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -84,6 +83,7 @@ from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
+from node.dsheader import TAG_LENGTH, U16, U32
 from node.metrics import NodeMetrics
 from node.tls import describe_peer
 
@@ -182,7 +182,7 @@ class FastAssociationSocket(AssociationSocket):
 
 def _element(tag: int, value: bytes) -> bytes:
     """One command-set element, Implicit VR Little Endian (PS3.7 6.3.1)."""
-    return struct.pack("<HHI", 0x0000, tag, len(value)) + value
+    return TAG_LENGTH.pack(0x0000, tag, len(value)) + value
 
 
 def _uid_value(uid: str) -> bytes:
@@ -196,13 +196,13 @@ def encode_c_store_rsp(sop_class_uid: str, sop_instance_uid: str, message_id: in
     the bytes pynetdicom's pydicom-based encoder writes (tests/node/test_transport.py)."""
     body = b"".join((
         _element(0x0002, _uid_value(sop_class_uid)),
-        _element(0x0100, struct.pack("<H", C_STORE_RSP_COMMAND_FIELD)),
-        _element(0x0120, struct.pack("<H", message_id)),
-        _element(0x0800, struct.pack("<H", NO_DATA_SET)),
-        _element(0x0900, struct.pack("<H", status)),
+        _element(0x0100, U16.pack(C_STORE_RSP_COMMAND_FIELD)),
+        _element(0x0120, U16.pack(message_id)),
+        _element(0x0800, U16.pack(NO_DATA_SET)),
+        _element(0x0900, U16.pack(status)),
         _element(0x1000, _uid_value(sop_instance_uid)),
     ))
-    return _element(0x0000, struct.pack("<I", len(body))) + body
+    return _element(0x0000, U32.pack(len(body))) + body
 
 
 def send_command(dimse: DIMSEServiceProvider, command: bytes, context_id: int) -> None:
@@ -225,26 +225,9 @@ def send_command(dimse: DIMSEServiceProvider, command: bytes, context_id: int) -
 
 class GuardedDIMSEServiceProvider(DIMSEServiceProvider):
     """pynetdicom's DIMSE provider; a message that does not decode aborts the association
-    instead of killing the DUL thread. A plain C-STORE response (a status, no error
-    elements) is encoded by :func:`encode_c_store_rsp` instead of through a pydicom data
-    set, which cost about as much as writing the instance to the spool."""
+    instead of killing the DUL thread."""
 
     metrics: NodeMetrics | None = None
-
-    def send_msg(self, primitive: Any, context_id: int) -> None:
-        """Send *primitive*; a plain C-STORE-RSP by the short path (class docstring)."""
-        if (type(primitive) is C_STORE and primitive.MessageIDBeingRespondedTo is not None
-                and primitive.Status is not None and primitive.ErrorComment is None
-                and primitive.OffendingElement is None
-                and primitive.AffectedSOPClassUID and primitive.AffectedSOPInstanceUID
-                and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT)):
-            command = encode_c_store_rsp(primitive.AffectedSOPClassUID,
-                                         primitive.AffectedSOPInstanceUID,
-                                         primitive.MessageIDBeingRespondedTo, primitive.Status)
-            send_command(self, command, context_id)
-            return
-        super().send_msg(primitive, context_id)
-
     _store: _IncomingStore | None = None  # a C-STORE-RQ on the short path, data to come
 
     def receive_primitive(self, primitive: P_DATA) -> None:
@@ -269,7 +252,6 @@ class GuardedDIMSEServiceProvider(DIMSEServiceProvider):
                            "sending A-ABORT", self.assoc.requestor.address,
                            type(exc).__name__, exc)
             self.dul.event_queue.put("Evt19")  # invalid PDU: AA-8 sends the A-ABORT
-
 
     def _start_store(self, primitive: P_DATA) -> bool:
         """Begin the short path when *primitive* starts with a whole C-STORE-RQ command."""
@@ -356,7 +338,7 @@ def decode_c_store_rq(command: bytes | memoryview) -> CStoreRequestFields | None
     while pos < len(view):
         if len(view) - pos < 8:
             return None
-        group, element, length = _TAG_LEN.unpack_from(view, pos)
+        group, element, length = TAG_LENGTH.unpack_from(view, pos)
         pos += 8
         if group != 0x0000 or pos + length > len(view):
             return None
@@ -372,7 +354,7 @@ def decode_c_store_rq(command: bytes | memoryview) -> CStoreRequestFields | None
         elif element in _C_STORE_RQ_US:
             if length != 2:
                 return None
-            shorts[_C_STORE_RQ_US[element]] = _U16.unpack_from(value)[0]
+            shorts[_C_STORE_RQ_US[element]] = U16.unpack_from(value)[0]
         elif element == 0x1030:  # Move Originator Application Entity Title
             try:
                 aet = bytes(value).decode("ascii").strip()
@@ -389,9 +371,6 @@ def decode_c_store_rq(command: bytes | memoryview) -> CStoreRequestFields | None
                                shorts["message_id"], shorts["priority"], aet,
                                shorts.get("move_originator_message_id"))
 
-
-_TAG_LEN = struct.Struct("<HHI")
-_U16 = struct.Struct("<H")
 
 
 # Local user primitives (PS3.8 Table 9-10): A-ASSOCIATE response accept/reject, P-DATA
@@ -802,8 +781,8 @@ class NodeRequestHandler(RequestHandler):
             # Thread.__init__ bound the thread's target to pynetdicom's run_reactor; bind it
             # again, the same way (make_target: contextvars, as pynetdicom does), to ours.
             assoc.dul._target = make_target(assoc.dul.run_reactor)  # type: ignore[attr-defined]
-        # The DUL thread sleeps this long when no PDU is waiting (pynetdicom: 1 ms); a
-        # shorter nap answers each C-STORE sooner for a little more idle CPU.
+        # pynetdicom's idle nap (1 ms), still used where PromptDUL cannot wait in select()
+        # (TLS) and by pynetdicom's own waits on the DUL: shorter answers sooner.
         assoc.dul._run_loop_delay = DUL_IDLE_SLEEP_S
         sock = assoc.dul.socket
         if type(sock) is AssociationSocket:  # noqa: E721 - exactly the base class
