@@ -646,6 +646,9 @@ class PromptAssociation(Association):
                 LOGGER.error("Exception in handler bound to 'evt.EVT_C_STORE'")
                 LOGGER.exception(exc)
                 status = HANDLER_FAILED
+                metrics = getattr(self.dimse, "metrics", None)
+                if metrics is not None:
+                    metrics.store_failures.labels(reason="handler_error").inc()
             if not self.is_established:
                 return True
             if type(status) is not int:  # a Dataset or a bad value: pynetdicom's rules

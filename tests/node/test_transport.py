@@ -17,11 +17,13 @@ from typing import Any
 import pytest
 from pydicom import Dataset, dcmread
 from pynetdicom import AE, evt
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import decode
 from pynetdicom.sop_class import CTImageStorage
 
+from node.metrics import NodeMetrics
 from node.transport import (
     PromptAssociation,
     PromptDUL,
@@ -115,16 +117,24 @@ def test_send_command_fragments_like_pynetdicom(max_pdu: int) -> None:
     assert decoded.CommandField == 0x8001 and decoded.Status == 0
 
 
+LISTENER_METRICS = NodeMetrics()
+
+
 @pytest.fixture
-def listener() -> Iterator[Callable[[Callable[[evt.Event], Any]], int]]:
+def listener(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Callable[[evt.Event], Any]],
+                                                                   int]]:
     """Start a node transport listener with a given EVT_C_STORE handler; yields a
-    function that takes the handler and returns the port."""
+    function that takes the handler and returns the port. pynetdicom's standard log
+    handlers are off, as ``node.logs.setup_logging`` leaves them (a bound DIMSE handler
+    sends every message down pynetdicom's own path)."""
+    monkeypatch.setattr(pynetdicom_config, "LOG_HANDLER_LEVEL", "none")
     started: list[AE] = []
 
     def start(handler: Callable[[evt.Event], Any]) -> int:
         ae = AE(ae_title="TRANSPORT")
         ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
-        server = start_listener(ae, ("127.0.0.1", 0), [(evt.EVT_C_STORE, handler)])
+        server = start_listener(ae, ("127.0.0.1", 0), [(evt.EVT_C_STORE, handler)],
+                                metrics=LISTENER_METRICS)
         started.append(ae)
         return int(server.server_address[1])
 
@@ -167,7 +177,11 @@ def test_handler_exception_answers_c211(
         return 0
 
     port = listener(handler)
+    before = LISTENER_METRICS.registry.get_sample_value(
+        "ich_node_store_failures_total", {"reason": "handler_error"}) or 0.0
     assert pynetdicom_send(port, series.files, called_ae="TRANSPORT") == [0xC211, 0]
+    assert LISTENER_METRICS.registry.get_sample_value(
+        "ich_node_store_failures_total", {"reason": "handler_error"}) == before + 1
 
 
 def test_dataset_status_takes_pynetdicoms_path(
