@@ -189,6 +189,9 @@ def _ask_and_release(node: Node, files: Sequence[Path], refs: Sequence[tuple[str
         assert _request(assoc, transaction, refs) == 0x0000
     finally:
         assoc.release()
+    # The node gave the modality time to release (commitment.same_association_grace_s)
+    # instead of sending the report across its A-RELEASE-RQ and aborting.
+    assert assoc.is_released and not assoc.is_aborted
     return transaction
 
 
