@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--n-train", type=int, default=120, help="phantom training studies")
     train.add_argument("--n-val", type=int, default=24, help="phantom validation studies")
     train.add_argument("--matrix", type=int, default=128, help="phantom matrix (default 128)")
+    train.add_argument("--crop", type=int, default=0,
+                       help="segmenter: train on CROP x CROP pixels of the SIZE grid, around "
+                       "blood where a slice has it (default 0: whole slices)")
     train.add_argument("--max-minutes", type=float, default=0.0, help="time budget; 0 = none")
     train.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
@@ -228,7 +231,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                    batch=args.batch, lr=args.lr, seed=args.seed, size=args.size,
                    resume=args.resume, steps_per_epoch=args.steps_per_epoch,
                    n_train=args.n_train, n_val=args.n_val, matrix=args.matrix,
-                   max_minutes=args.max_minutes, device=args.device,
+                   max_minutes=args.max_minutes, device=args.device, crop=args.crop,
                    command="ich-node " + shlex.join(sys.argv[1:]))
     print(result)
     return 0

@@ -57,10 +57,10 @@ def check_models(config: PipelineConfig) -> ModelIdentity:
 
     models = config.models
     _, c_meta = load_weights(models.classifier_path,
-                             classifier_spec(models.input_size, models.classifier_neighbours),
+                             classifier_spec(models.classifier_input_size, models.classifier_neighbours),
                              "classifier")
     _, s_meta = load_weights(models.segmenter_path,
-                             segmenter_spec(models.input_size, models.segmenter_neighbours),
+                             segmenter_spec(models.segmenter_input_size, models.segmenter_neighbours),
                              "segmenter")
     return bundle_identity(c_meta, s_meta)
 

@@ -136,10 +136,10 @@ def load_models(config: ModelsConfig) -> Models:
     t0 = time.perf_counter()
     c_state, c_meta = load_weights(
         config.classifier_path,
-        classifier_spec(config.input_size, config.classifier_neighbours), "classifier")
+        classifier_spec(config.classifier_input_size, config.classifier_neighbours), "classifier")
     s_state, s_meta = load_weights(
         config.segmenter_path,
-        segmenter_spec(config.input_size, config.segmenter_neighbours), "segmenter")
+        segmenter_spec(config.segmenter_input_size, config.segmenter_neighbours), "segmenter")
     try:
         c_arch = ClassifierArch.from_dict(c_meta.architecture)
         s_arch = SegmenterArch.from_dict(s_meta.architecture)

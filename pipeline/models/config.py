@@ -72,10 +72,15 @@ class ModelsConfig(_Strict):
         description="Path of the segmenter state dict (.pt) with its JSON sidecar; a "
         "relative path is taken from pipeline/weights/. Default: segmenter.pt, the shipped "
         "demo weights.")
-    input_size: int = Field(
+    classifier_input_size: int = Field(
         default=128, ge=32, le=1024,
-        description="Pixels; slices are padded square and resized to input_size x input_size "
-        "before both networks. Must equal the size the weights were trained at. Default: 128.")
+        description="Pixels; for the classifier, slices are padded square and resized to "
+        "this size. Must equal the size the classifier weights were trained at. Default: 128.")
+    segmenter_input_size: int = Field(
+        default=128, ge=32, le=1024,
+        description="Pixels; the same for the segmenter, whose logits are resized back to "
+        "the volume's grid. Must equal the size the segmenter weights were trained at. "
+        "Default: 128.")
     classifier_neighbours: int = Field(
         default=1, ge=0, le=3,
         description="Slices on each side whose brain window is added as extra classifier "

@@ -23,10 +23,12 @@ from tests.pipeline.test_models import toy_study
 SIZE = 32
 
 
-def save_tiny_models(directory: Path, size: int = SIZE, seed: int = 0) -> ModelsConfig:
+def save_tiny_models(directory: Path, size: int = SIZE, seed: int = 0,
+                     segmenter_size: int | None = None) -> ModelsConfig:
     """Randomly initialised small networks written as weights files; their config."""
     torch.manual_seed(seed)
-    c_spec, s_spec = classifier_spec(size, 1), segmenter_spec(size, 1)
+    seg_size = size if segmenter_size is None else segmenter_size
+    c_spec, s_spec = classifier_spec(size, 1), segmenter_spec(seg_size, 1)
     c_arch = ClassifierArch(in_channels=c_spec.channels, widths=(8, 16, 16), embedding=16,
                             hidden=8)
     s_arch = SegmenterArch(in_channels=s_spec.channels, features=(4, 4, 8, 8, 16, 4))
@@ -39,7 +41,8 @@ def save_tiny_models(directory: Path, size: int = SIZE, seed: int = 0) -> Models
     save_weights(segmenter.state_dict(), directory / "seg.pt",
                  WeightsMeta("segmenter", "tiny-segmenter", "0.0.1", s_spec, s_arch.to_dict()))
     return ModelsConfig(classifier_weights=directory / "cls.pt",
-                        segmenter_weights=directory / "seg.pt", input_size=size, device="cpu",
+                        segmenter_weights=directory / "seg.pt", classifier_input_size=size,
+                        segmenter_input_size=seg_size, device="cpu",
                         batch_size=3, min_lesion_ml=0.0)
 
 
@@ -75,6 +78,18 @@ def test_run_models_findings_shape(tiny: tuple[ModelsConfig, Models]) -> None:
     assert {"preprocess", "classifier", "segmenter", "lesions", "total"} <= set(
         findings.timings_s)
     assert findings.to_json()["model"]["demo"] is True
+
+
+def test_networks_at_different_input_sizes(tmp_path: Path) -> None:
+    """A 32-px classifier beside a 64-px segmenter: each sees its own grid, and the
+    segmenter's mask comes back on the volume's grid."""
+    config = save_tiny_models(tmp_path, size=32, segmenter_size=64)
+    models = load_models(config)
+    assert (models.classifier_meta.spec.size, models.segmenter_meta.spec.size) == (32, 64)
+    volume = toy_volume(matrix=40)
+    findings = run_models(volume, models, config)
+    assert findings.mask.shape == volume.hu.shape
+    assert findings.slice_probabilities.shape == (7, 6)
 
 
 def test_inference_is_deterministic(tiny: tuple[ModelsConfig, Models]) -> None:
@@ -119,7 +134,9 @@ def test_thresholds_and_mask_gate(tmp_path: Path, tiny: tuple[ModelsConfig, Mode
 def test_weights_must_match_config(tmp_path: Path) -> None:
     config = save_tiny_models(tmp_path)
     with pytest.raises(InferenceError, match=r"cls.pt .*size: 32 vs 64"):
-        load_models(config.model_copy(update={"input_size": 64}))
+        load_models(config.model_copy(update={"classifier_input_size": 64}))
+    with pytest.raises(InferenceError, match=r"seg.pt .*size: 32 vs 64"):
+        load_models(config.model_copy(update={"segmenter_input_size": 64}))
     with pytest.raises(InferenceError, match=r"seg.pt .*neighbours: 1 vs 2"):
         load_models(config.model_copy(update={"segmenter_neighbours": 2}))
     swapped = config.model_copy(update={"classifier_weights": config.segmenter_weights,

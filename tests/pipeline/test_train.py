@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.datasets import Study
 from pipeline.evaluate import (
@@ -20,7 +21,7 @@ from pipeline.evaluate import (
 from pipeline.findings import SUBTYPES
 from pipeline.models.inputs import classifier_spec, segmenter_spec
 from pipeline.models.weights import load_weights
-from pipeline.train import TrainingError, train
+from pipeline.train import TrainingError, crop_around_blood, train
 from tests.pipeline.test_models import toy_study
 
 
@@ -84,6 +85,33 @@ def test_segmenter_overfits(tmp_path: Path) -> None:
     assert dice["all"] > 0.8, dice
     history = json.loads((tmp_path / "seg" / "history.json").read_text())
     assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_crops_keep_blood_in_view_and_match_the_target() -> None:
+    rng = np.random.default_rng(0)
+    y = torch.zeros((64, 64), dtype=torch.int64)
+    y[50:53, 5:8] = 3  # a small bleed near the lower left corner
+    x = torch.arange(2 * 64 * 64, dtype=torch.float32).reshape(2, 64, 64)
+    for _ in range(50):
+        xc, yc = crop_around_blood(x, y, 24, rng)
+        assert xc.shape == (2, 24, 24) and yc.shape == (24, 24)
+        assert (yc == 3).any()
+        top, left = divmod(int(xc[0, 0, 0]), 64)  # where the crop came from
+        assert torch.equal(yc, y[top:top + 24, left:left + 24])
+    empty = torch.zeros((64, 64), dtype=torch.int64)
+    corners = {divmod(int(crop_around_blood(x, empty, 24, rng)[0][0, 0, 0]), 64)
+               for _ in range(50)}
+    assert len(corners) > 10 and all(0 <= t <= 40 and 0 <= c <= 40 for t, c in corners)
+
+
+def test_segmenter_trains_on_crops(tmp_path: Path) -> None:
+    studies = toy_set(6, seed=2)
+    result = train("segmenter", None, "phantom", tmp_path / "seg", epochs=4, batch=8,
+                   lr=1e-2, seed=0, size=64, crop=32, steps_per_epoch=20, studies=studies,
+                   device="cpu")
+    _, meta = load_weights(result.best, segmenter_spec(64, 1), "segmenter")
+    assert meta.training["options"]["crop"] == 32
+    assert meta.metrics["validation"]["dice"]["all"] > 0.6, meta.metrics  # whole slices
 
 
 def test_phantom_needs_no_folder_other_formats_do(tmp_path: Path) -> None:
