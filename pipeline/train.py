@@ -133,7 +133,7 @@ def new_network(kind: ModelKind, size: int, neighbours: int
     """A fresh network of ``kind`` for the given input, with its spec and architecture."""
     if kind == "classifier":
         spec = classifier_spec(size, neighbours)
-        c_arch = ClassifierArch(in_channels=spec.channels)
+        c_arch = ClassifierArch.for_size(size, spec.channels)
         return build_classifier(c_arch), spec, c_arch.to_dict()
     spec = segmenter_spec(size, neighbours)
     s_arch = SegmenterArch(in_channels=spec.channels)

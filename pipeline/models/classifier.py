@@ -45,6 +45,19 @@ class ClassifierArch:
         """Down-sampling factor of the auxiliary head's output."""
         return int(2 ** (self.aux_level + 1))
 
+    @classmethod
+    def for_size(cls, size: int, in_channels: int) -> ClassifierArch:
+        """The default network for ``size``-pixel input: above 128 pixels, one narrow
+        stride-2 stage in front per doubling, so that the rest of the network (and its
+        cost) is that of the 128-pixel one while the first stage sees every pixel."""
+        base = cls(in_channels=in_channels)
+        extra = 0
+        while size > 128 * 2 ** extra:
+            extra += 1
+        stem = tuple(max(8, base.widths[0] // 2 ** (extra - k)) for k in range(extra))
+        return cls(in_channels=in_channels, widths=stem + base.widths,
+                   aux_stage=base.aux_stage + extra)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
         d = asdict(self)

@@ -89,6 +89,16 @@ def test_classifier_shapes() -> None:
     torch.testing.assert_close(se[1:], se_short, atol=1e-5, rtol=1e-5)
 
 
+def test_classifier_for_larger_input_adds_a_stem_and_keeps_the_region_grid() -> None:
+    small, large = ClassifierArch.for_size(128, 5), ClassifierArch.for_size(256, 5)
+    assert large.widths == (8, *small.widths) and large.aux_stride == 2 * small.aux_stride
+    torch.manual_seed(0)
+    net = build_classifier(large)
+    emb, aux = net.encoder.forward_with_aux(torch.rand(2, 5, 256, 256))
+    assert emb.shape == (2, small.embedding)
+    assert aux.shape == (2, 6, 256 // large.aux_stride, 256 // large.aux_stride) == (2, 6, 16, 16)
+
+
 def test_segmenter_shapes() -> None:
     net = build_segmenter(SegmenterArch(in_channels=9, features=(4, 4, 8, 8, 16, 4))).eval()
     with torch.no_grad():
