@@ -241,7 +241,7 @@ def predict(hu: np.ndarray, models: Models, batch_size: int = 16,
             grid = grids[s_spec.size]
             for a in range(0, z, batch_size):
                 idx = np.arange(a, min(a + batch_size, z))
-                logits = models.segmenter(slice_inputs(win, s_spec, idx).to(dev)).float()
+                logits = models.segmenter.predict(slice_inputs(win, s_spec, idx).to(dev)).float()
                 full = grid.to_volume(logits)
                 mask[a:a + len(idx)] = argmax_channels(full).cpu().numpy()
             timings["segmenter"] = time.perf_counter() - t2

@@ -66,7 +66,7 @@ from pipeline.models.weights import ModelKind, WeightsMeta, save_weights
 LOGGER = logging.getLogger(__name__)
 
 Kind = Literal["classifier", "segmenter"]
-MODEL_VERSION = "0.1.0"
+MODEL_VERSION = "0.2.0"
 
 
 class TrainingError(PipelineError):
@@ -128,7 +128,7 @@ class TrainResult:
 # --------------------------------------------------------------------------- networks
 
 
-def new_network(kind: ModelKind, size: int, neighbours: int
+def new_network(kind: ModelKind, size: int, neighbours: int, crop: int = 0
                 ) -> tuple[nn.Module, InputSpec, dict[str, Any]]:
     """A fresh network of ``kind`` for the given input, with its spec and architecture."""
     if kind == "classifier":
@@ -136,7 +136,7 @@ def new_network(kind: ModelKind, size: int, neighbours: int
         c_arch = ClassifierArch.for_size(size, spec.channels)
         return build_classifier(c_arch), spec, c_arch.to_dict()
     spec = segmenter_spec(size, neighbours)
-    s_arch = SegmenterArch(in_channels=spec.channels)
+    s_arch = SegmenterArch(in_channels=spec.channels, tile=crop if 0 < crop < size else 0)
     return build_segmenter(s_arch), spec, s_arch.to_dict()
 
 
@@ -471,8 +471,8 @@ def validate_segmenter(model: Segmenter, studies: list[Prepared], spec: InputSpe
         assert p.mask is not None
         win = _as_float(p.windows)
         z = win.shape[0]
-        pred = torch.cat([model(slice_inputs(win, spec, np.arange(a, min(a + batch, z)))
-                                .to(device)).argmax(1).cpu() for a in range(0, z, batch)])
+        pred = torch.cat([model.predict(slice_inputs(win, spec, np.arange(a, min(a + batch, z)))
+                                        .to(device)).argmax(1).cpu() for a in range(0, z, batch)])
         ref = torch.from_numpy(p.mask.astype(np.int64))
         known = ref != UNKNOWN_SUBTYPE
         for code, name in enumerate(LABELS[1:], start=1):
@@ -557,7 +557,7 @@ def run_training(opts: TrainOptions, out: Path, resume: bool = False,
         torch.set_num_threads(cpu_threads())
     torch.manual_seed(opts.seed)
     rng = np.random.default_rng(opts.seed)
-    net, spec, arch = new_network(opts.kind, opts.size, opts.neighbours)
+    net, spec, arch = new_network(opts.kind, opts.size, opts.neighbours, opts.crop)
     net.to(dev)
     train_set, val_set = data if data is not None else load_data(opts)
     if opts.kind == "segmenter":
@@ -594,10 +594,10 @@ def run_training(opts: TrainOptions, out: Path, resume: bool = False,
     if resume and last_path.is_file():
         ckpt = torch.load(last_path, map_location=dev, weights_only=False)
         saved = ckpt.get("options", {})
-        for key in ("kind", "size", "neighbours"):
-            if saved.get(key) != getattr(opts, key):
-                raise TrainingError(f"{last_path}: checkpoint has {key}={saved.get(key)!r}, "
-                                    f"this run asks for {getattr(opts, key)!r}")
+        for key in ("kind", "size", "neighbours", "crop"):
+            if saved.get(key, 0) != getattr(opts, key):
+                raise TrainingError(f"{last_path}: checkpoint has {key}={saved.get(key, 0)!r},"
+                                    f" this run asks for {getattr(opts, key)!r}")
         net.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])

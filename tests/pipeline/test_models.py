@@ -106,6 +106,26 @@ def test_segmenter_shapes() -> None:
     assert out.shape == (3, 6, 32, 32)
 
 
+def test_segmenter_trained_on_crops_predicts_tile_by_tile() -> None:
+    torch.manual_seed(0)
+    x = torch.rand(2, 9, 64, 64)
+    tiled = build_segmenter(SegmenterArch(features=(4, 4, 8, 8, 16, 4), tile=32)).eval()
+    whole = build_segmenter(SegmenterArch(features=(4, 4, 8, 8, 16, 4))).eval()
+    whole.load_state_dict(tiled.state_dict())
+    assert SegmenterArch.from_dict(tiled.arch.to_dict()) == tiled.arch
+    # Metadata written before tiling existed has no "tile": whole slices.
+    older = {k: v for k, v in tiled.arch.to_dict().items() if k != "tile"}
+    assert SegmenterArch.from_dict(older).tile == 0
+    with torch.no_grad():
+        assert torch.equal(whole.predict(x), whole(x))
+        out = tiled.predict(x)
+        assert out.shape == (2, 6, 64, 64)
+        # Each tile is normalised on its own (instance norm): not the whole-slice output.
+        assert not torch.allclose(out, tiled(x), atol=1e-3)
+        # A slice no larger than a tile is one tile.
+        assert torch.equal(tiled.predict(x[..., :32, :32]), tiled(x[..., :32, :32]))
+
+
 def test_neighbours_and_inputs() -> None:
     idx = neighbour_index(4, 1)
     np.testing.assert_array_equal(idx, [[0, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 3]])

@@ -110,7 +110,7 @@ def test_segmenter_trains_on_crops(tmp_path: Path) -> None:
                    lr=1e-2, seed=0, size=64, crop=32, steps_per_epoch=20, studies=studies,
                    device="cpu")
     _, meta = load_weights(result.best, segmenter_spec(64, 1), "segmenter")
-    assert meta.training["options"]["crop"] == 32
+    assert meta.training["options"]["crop"] == 32 and meta.architecture["tile"] == 32
     assert meta.metrics["validation"]["dice"]["all"] > 0.6, meta.metrics  # whole slices
 
 
