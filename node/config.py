@@ -388,7 +388,7 @@ class CommitmentConfig(_Strict):
     enabled: bool = Field(True, description="Offer Storage Commitment Push Model on the listener")
     same_association: bool = Field(True, description="Answer on the requesting association while it is still open")
     same_association_grace_s: float = Field(
-        0.5, ge=0, description="Before answering on the requesting association, give the requester this long to release it (one that releases right after the N-ACTION response is then answered on a new association instead of being aborted), seconds")
+        2.0, ge=0, description="Before answering on the requesting association, give the requester this long to release it (one that releases right after the N-ACTION response is then answered on a new association instead of being aborted), seconds")
     same_association_timeout_s: float = Field(
         5.0, gt=0, description="Wait this long for the N-EVENT-REPORT response on the requesting association (a requester that hangs up instead is aborted and answered on a new association), seconds")
     peers: list[Destination] = Field(

@@ -98,7 +98,7 @@ def _commitments(node: Node) -> list[dict[str, Any]]:
 
 def test_report_on_the_same_association_lists_committed_and_failed_exactly(
         make_node: Callable[..., Node], tmp_path: Path) -> None:
-    node = make_node()
+    node = make_node(commitment={"same_association_grace_s": 0.2})  # the modality waits
     series = write_series(tmp_path / "in", 5, rows=32, seed=81)
     stored = [_sop(p) for p in series.files]
     reports = Reports()
@@ -174,9 +174,17 @@ def modality_scp() -> Iterator[tuple[int, Reports]]:
         server.shutdown()
 
 
+# A modality that releases right after the N-ACTION-RSP: a long grace lets its release
+# win the race with the report even on a loaded CI machine (a prompt release ends the
+# grace at once). Should the report still cross the release, the node aborts (correct),
+# but pynetdicom's requestor, as the test modality, answers the report in Sta7, loses
+# its DUL thread and hangs in release() for its ACSE timeout.
+RELEASING = {"same_association_grace_s": 5.0, "same_association_timeout_s": 0.5}
+
+
 def _peers(port: int) -> dict[str, Any]:
     return {"peers": [{"name": "ct", "ae_title": MODALITY, "host": "127.0.0.1", "port": port}],
-            "retry_interval_s": 0.2, "same_association_timeout_s": 0.5}
+            "retry_interval_s": 0.2, **RELEASING}
 
 
 def _ask_and_release(node: Node, files: Sequence[Path], refs: Sequence[tuple[str, str]]
@@ -247,8 +255,7 @@ def test_pending_request_is_answered_after_a_restart(
 
 def test_unknown_requester_without_peer_entry_is_retried_then_dead(
         make_node: Callable[..., Node], tmp_path: Path) -> None:
-    node = make_node(commitment={"retry_interval_s": 0.1, "max_attempts": 3,
-                                 "same_association_timeout_s": 0.5})
+    node = make_node(commitment={"retry_interval_s": 0.1, "max_attempts": 3, **RELEASING})
     series = write_series(tmp_path / "in", 1, rows=32, seed=84)
     _ask_and_release(node, series.files, [_sop(series.files[0])])
     wait_until(lambda: _commitments(node)[0]["state"] == "dead", 20, what="dead request")
