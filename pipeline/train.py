@@ -15,8 +15,9 @@ calls :func:`train`. What it does:
   as in the RSNA metric
   (any x2) and ``pos_weight`` = sqrt(negatives/positives) per label (clipped to 1..10).
 * Segmenter: batches of ``batch`` slices, ``positive_fraction`` of them with blood;
-  loss = class-weighted cross-entropy + soft Dice over the subtypes + soft Dice of all
-  blood. CT-ICH voxels of unknown subtype count as blood in the last term and are
+  a class is drawn first, so thin and rare subtypes are sampled as often as large ones;
+  loss = class-weighted cross-entropy + soft Dice over the subtypes present in the batch
+  + soft Dice of all blood. CT-ICH voxels of unknown subtype count as blood in the last term and are
   ignored by the other two (MONAI's DiceCELoss has no ignore label, hence our own).
 * Each epoch: validation on whole series, ``out/last.pt`` (everything needed to resume)
   and, when the validation score improves, ``out/best.pt`` + ``out/best.json`` (a
@@ -304,13 +305,35 @@ def classifier_batch(studies: list[Prepared], spec: InputSpec, opts: TrainOption
     return x, valid, ys, ys.amax(dim=1), regions, has_mask
 
 
+def slices_by_class(studies: list[Prepared]) -> dict[int, list[tuple[int, int]]]:
+    """(study, slice) pairs per mask code present in the slice (UNKNOWN_SUBTYPE included)."""
+    out: dict[int, list[tuple[int, int]]] = {}
+    for si, p in enumerate(studies):
+        assert p.mask is not None
+        for k in np.flatnonzero(np.asarray((p.mask > 0).any(axis=(1, 2)))):
+            for code in np.unique(p.mask[k]):
+                if code:
+                    out.setdefault(int(code), []).append((si, int(k)))
+    return out
+
+
 def segmenter_batch(studies: list[Prepared], spec: InputSpec, opts: TrainOptions,
-                    rng: np.random.Generator, positives: list[tuple[int, int]],
+                    rng: np.random.Generator, positives: dict[int, list[tuple[int, int]]],
                     everything: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x (B, C, s, s), target (B, s, s) int64 with UNKNOWN_SUBTYPE kept)."""
+    """(x (B, C, s, s), target (B, s, s) int64 with UNKNOWN_SUBTYPE kept).
+
+    ``positive_fraction`` of the slices have blood: a class drawn uniformly among those
+    present (:func:`slices_by_class`), then a slice that has it, so that thin and rare
+    subtypes are seen as often as large ones; crops centre on that class."""
     xs, ys = [], []
+    codes = sorted(positives)
     for _ in range(opts.batch):
-        pool = positives if positives and rng.random() < opts.positive_fraction else everything
+        code: int | None = None
+        if codes and rng.random() < opts.positive_fraction:
+            code = codes[int(rng.integers(0, len(codes)))]
+            pool = positives[code]
+        else:
+            pool = everything
         si, k = pool[int(rng.integers(0, len(pool)))]
         p = studies[si]
         assert p.mask is not None
@@ -318,7 +341,7 @@ def segmenter_batch(studies: list[Prepared], spec: InputSpec, opts: TrainOptions
         x = slice_inputs(_as_float(p.windows[lo:hi]), spec, np.array([k - lo]))[0]
         y = torch.from_numpy(p.mask[k].astype(np.int64))
         if opts.crop and opts.crop < spec.size:
-            x, y = crop_around_blood(x, y, opts.crop, rng)
+            x, y = crop_around_blood(x, y, opts.crop, rng, code)
         x, y2 = _augment(x, rng, y)
         assert y2 is not None
         xs.append(x)
@@ -326,15 +349,16 @@ def segmenter_batch(studies: list[Prepared], spec: InputSpec, opts: TrainOptions
     return torch.stack(xs), torch.stack(ys)
 
 
-def crop_around_blood(x: torch.Tensor, y: torch.Tensor, crop: int, rng: np.random.Generator
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def crop_around_blood(x: torch.Tensor, y: torch.Tensor, crop: int, rng: np.random.Generator,
+                      code: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A ``crop`` x ``crop`` window of input (C, s, s) and target (s, s): around a random
-    blood pixel (anywhere in the window) when the slice has blood, else anywhere.
+    blood pixel (of class ``code`` when given; anywhere in the window) when the slice has
+    such blood, else anywhere.
 
     Training on crops costs what a whole slice of ``crop`` pixels costs, at the resolution
     of the ``s`` grid; a fully convolutional network then runs on whole slices."""
     side = y.shape[-1]
-    blood = torch.nonzero(y > 0)
+    blood = torch.nonzero(y > 0 if code is None else y == code)
     if len(blood):
         cy, cx = (int(v) for v in blood[int(rng.integers(0, len(blood)))])
         top = int(rng.integers(cy - crop + 1, cy + 1))
@@ -418,12 +442,16 @@ def segmenter_loss(logits: torch.Tensor, target: torch.Tensor, weights: torch.Te
     onehot = F.one_hot(target.clamp(max=N_CLASSES - 1) * known, N_CLASSES).permute(0, 3, 1, 2)
     k = known[:, None].float()
     inter = (prob[:, 1:] * onehot[:, 1:] * k).sum(dim=(0, 2, 3))
-    denom = (prob[:, 1:] * k).sum(dim=(0, 2, 3)) + (onehot[:, 1:] * k).sum(dim=(0, 2, 3))
-    sub_dice = 1.0 - (2.0 * inter + smooth) / (denom + smooth)
+    present = (onehot[:, 1:] * k).sum(dim=(0, 2, 3))
+    denom = (prob[:, 1:] * k).sum(dim=(0, 2, 3)) + present
+    # Only the subtypes present in the batch: the Dice of an absent class only pushes its
+    # probability to zero everywhere, which silenced thin, rare subarachnoid blood (the
+    # cross-entropy still penalises false positives of every class).
+    sub_dice = (1.0 - (2.0 * inter + smooth) / (denom + smooth))[present > 0]
     fg_p = 1.0 - prob[:, 0]
     fg_t = (target > 0).float()
     fg_dice = 1.0 - (2.0 * (fg_p * fg_t).sum() + smooth) / (fg_p.sum() + fg_t.sum() + smooth)
-    return ce + sub_dice.mean() + fg_dice
+    return ce + (sub_dice.mean() if len(sub_dice) else ce.new_zeros(())) + fg_dice
 
 
 # --------------------------------------------------------------------------- validation
@@ -571,18 +599,20 @@ def run_training(opts: TrainOptions, out: Path, resume: bool = False,
                 len(train_set), len(val_set), sum(len(p.slice_labels) for p in train_set),
                 sum(len(p.slice_labels) for p in val_set))
 
-    positives: list[tuple[int, int]] = []
+    positives: dict[int, list[tuple[int, int]]] = {}
     everything: list[tuple[int, int]] = []
     if opts.kind == "classifier":
         steps = opts.steps_per_epoch or math.ceil(len(train_set) / opts.batch)
         pw_slice, pw_series = (t.to(dev) for t in pos_weights(train_set))
     else:
+        n_positive = 0
         for si, p in enumerate(train_set):
             assert p.mask is not None
             has = np.asarray((p.mask > 0).any(axis=(1, 2)))
-            positives += [(si, int(k)) for k in np.flatnonzero(has)]
             everything += [(si, k) for k in range(has.shape[0])]
-        steps = opts.steps_per_epoch or math.ceil(len(positives) / opts.batch)
+            n_positive += int(has.sum())
+        positives = slices_by_class(train_set)
+        steps = opts.steps_per_epoch or math.ceil(n_positive / opts.batch)
         cw = class_weights(train_set).to(dev)
     optimizer = torch.optim.AdamW(net.parameters(), lr=opts.lr, weight_decay=1e-4)
     use_amp = dev.type == "cuda"

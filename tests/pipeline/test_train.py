@@ -21,7 +21,15 @@ from pipeline.evaluate import (
 from pipeline.findings import SUBTYPES
 from pipeline.models.inputs import classifier_spec, segmenter_spec
 from pipeline.models.weights import load_weights
-from pipeline.train import TrainingError, crop_around_blood, train
+from pipeline.train import (
+    Prepared,
+    TrainingError,
+    TrainOptions,
+    crop_around_blood,
+    segmenter_batch,
+    slices_by_class,
+    train,
+)
 from tests.pipeline.test_models import toy_study
 
 
@@ -102,6 +110,25 @@ def test_crops_keep_blood_in_view_and_match_the_target() -> None:
     corners = {divmod(int(crop_around_blood(x, empty, 24, rng)[0][0, 0, 0]), 64)
                for _ in range(50)}
     assert len(corners) > 10 and all(0 <= t <= 40 and 0 <= c <= 40 for t, c in corners)
+
+
+def test_rare_subtypes_are_sampled_as_often_as_common_ones() -> None:
+    """One slice of subarachnoid blood (code 4) among twenty of epidural (code 1): with a
+    class drawn first, about half the blood crops hold subarachnoid blood."""
+    z, s = 24, 32
+    mask = np.zeros((z, s, s), np.uint8)
+    mask[:20, 4:10, 4:10] = 1
+    mask[22, 20:22, 20:30] = 4
+    study = Prepared("x", np.zeros((z, 3, s, s), np.uint8), np.zeros((z, 6), np.uint8), mask)
+    by_class = slices_by_class([study])
+    assert sorted(by_class) == [1, 4] and by_class[4] == [(0, 22)] and len(by_class[1]) == 20
+    opts = TrainOptions(kind="segmenter", fmt="phantom", data=None, batch=400, crop=16,
+                        positive_fraction=1.0)
+    everything = [(0, k) for k in range(z)]
+    _, y = segmenter_batch([study], segmenter_spec(s, 1), opts, np.random.default_rng(0),
+                           by_class, everything)
+    with_sah = float((y == 4).flatten(1).any(dim=1).float().mean())
+    assert 0.4 < with_sah < 0.6, with_sah
 
 
 def test_segmenter_trains_on_crops(tmp_path: Path) -> None:
