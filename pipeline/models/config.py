@@ -77,10 +77,10 @@ class ModelsConfig(_Strict):
         description="Pixels; for the classifier, slices are padded square and resized to "
         "this size. Must equal the size the classifier weights were trained at. Default: 128.")
     segmenter_input_size: int = Field(
-        default=128, ge=32, le=1024,
+        default=256, ge=32, le=1024,
         description="Pixels; the same for the segmenter, whose logits are resized back to "
         "the volume's grid. Must equal the size the segmenter weights were trained at. "
-        "Default: 128.")
+        "Default: 256.")
     classifier_neighbours: int = Field(
         default=1, ge=0, le=3,
         description="Slices on each side whose brain window is added as extra classifier "
