@@ -102,6 +102,12 @@ class TrainOptions:
     phantom_options: dict[str, Any] = field(default_factory=dict)
     cache: str | None = None  # folder for prepared in-memory phantom data, shared by runs
 
+    @property
+    def tile(self) -> int:
+        """The crop size when the segmenter trains on crops (smaller than ``size``), else 0;
+        the network then runs on tiles of this size (:attr:`SegmenterArch.tile`)."""
+        return self.crop if 0 < self.crop < self.size else 0
+
 
 @dataclass
 class Prepared:
@@ -129,7 +135,7 @@ class TrainResult:
 # --------------------------------------------------------------------------- networks
 
 
-def new_network(kind: ModelKind, size: int, neighbours: int, crop: int = 0
+def new_network(kind: ModelKind, size: int, neighbours: int, tile: int = 0
                 ) -> tuple[nn.Module, InputSpec, dict[str, Any]]:
     """A fresh network of ``kind`` for the given input, with its spec and architecture."""
     if kind == "classifier":
@@ -137,7 +143,7 @@ def new_network(kind: ModelKind, size: int, neighbours: int, crop: int = 0
         c_arch = ClassifierArch.for_size(size, spec.channels)
         return build_classifier(c_arch), spec, c_arch.to_dict()
     spec = segmenter_spec(size, neighbours)
-    s_arch = SegmenterArch(in_channels=spec.channels, tile=crop if 0 < crop < size else 0)
+    s_arch = SegmenterArch(in_channels=spec.channels, tile=tile)
     return build_segmenter(s_arch), spec, s_arch.to_dict()
 
 
@@ -340,8 +346,8 @@ def segmenter_batch(studies: list[Prepared], spec: InputSpec, opts: TrainOptions
         lo, hi = max(0, k - spec.neighbours), min(p.windows.shape[0], k + spec.neighbours + 1)
         x = slice_inputs(_as_float(p.windows[lo:hi]), spec, np.array([k - lo]))[0]
         y = torch.from_numpy(p.mask[k].astype(np.int64))
-        if opts.crop and opts.crop < spec.size:
-            x, y = crop_around_blood(x, y, opts.crop, rng, code)
+        if opts.tile:
+            x, y = crop_around_blood(x, y, opts.tile, rng, code)
         x, y2 = _augment(x, rng, y)
         assert y2 is not None
         xs.append(x)
@@ -585,7 +591,7 @@ def run_training(opts: TrainOptions, out: Path, resume: bool = False,
         torch.set_num_threads(cpu_threads())
     torch.manual_seed(opts.seed)
     rng = np.random.default_rng(opts.seed)
-    net, spec, arch = new_network(opts.kind, opts.size, opts.neighbours, opts.crop)
+    net, spec, arch = new_network(opts.kind, opts.size, opts.neighbours, opts.tile)
     net.to(dev)
     train_set, val_set = data if data is not None else load_data(opts)
     if opts.kind == "segmenter":
@@ -605,13 +611,9 @@ def run_training(opts: TrainOptions, out: Path, resume: bool = False,
         steps = opts.steps_per_epoch or math.ceil(len(train_set) / opts.batch)
         pw_slice, pw_series = (t.to(dev) for t in pos_weights(train_set))
     else:
-        n_positive = 0
-        for si, p in enumerate(train_set):
-            assert p.mask is not None
-            has = np.asarray((p.mask > 0).any(axis=(1, 2)))
-            everything += [(si, k) for k in range(has.shape[0])]
-            n_positive += int(has.sum())
+        everything = [(si, k) for si, p in enumerate(train_set) for k in range(len(p.slice_labels))]
         positives = slices_by_class(train_set)
+        n_positive = len({pair for pairs in positives.values() for pair in pairs})
         steps = opts.steps_per_epoch or math.ceil(n_positive / opts.batch)
         cw = class_weights(train_set).to(dev)
     optimizer = torch.optim.AdamW(net.parameters(), lr=opts.lr, weight_decay=1e-4)
