@@ -13,10 +13,10 @@ Flow (J.3.2, J.3.3):
    instance is committed, 2 with the Failed SOP Sequence otherwise.
 3. The report goes on the requesting association while it is still open
    (``commitment.same_association``; the requester first gets
-   ``commitment.same_association_grace_s`` to release it), else on a new association to the requester's
-   entry in ``commitment.peers`` (we propose the SCP role, J.3.3). A failed delivery is
-   retried every ``commitment.retry_interval_s`` up to ``commitment.max_attempts``;
-   then the request is ``dead``. Pending requests survive a restart: the new process
+   ``commitment.same_association_grace_s`` to release it), else on a new association
+   to the requester's entry in ``commitment.peers`` (we propose the SCP role, J.3.3).
+   A failed delivery is retried every ``commitment.retry_interval_s`` up to
+   ``commitment.max_attempts``; then the request is ``dead``. Pending requests survive a restart: the new process
    answers them on a new association.
 
 "Committed" means: the bytes acknowledged by C-STORE are on this node's disk now.
@@ -359,12 +359,25 @@ class CommitmentService:
         log("storage commitment %s from %s: N-EVENT-REPORT not delivered (attempt %d, now "
             "%s): %s", item.transaction_uid, item.calling_ae, item.attempts + 1, state, error)
 
-    def _still_open(self, assoc: Association, item: PendingCommitment) -> bool:
-        if not _open_after_grace(assoc, self.config.commitment.same_association_grace_s):
-            LOGGER.info("storage commitment %s: the requesting association was released; "
-                        "answering on a new association", item.transaction_uid)
-            return False
-        return True
+    def _open_after_grace(self, assoc: Association, item: PendingCommitment) -> bool:
+        """Whether *assoc* is still open once the requester had
+        ``commitment.same_association_grace_s`` to release it.
+
+        A requester that releases right after the N-ACTION-RSP (PS3.4 J.3.3 allows it)
+        sends its A-RELEASE-RQ within moments. An N-EVENT-REPORT-RQ sent before that
+        arrives crosses it on the wire: the requester, waiting for the A-RELEASE-RP,
+        cannot answer (PS3.8 has no P-DATA request in Sta7), and the node has to abort an
+        association that was being released cleanly. Waiting a moment first turns that
+        race into the rare case; the abort still handles what is left of it."""
+        deadline = time.monotonic() + self.config.commitment.same_association_grace_s
+        while assoc.is_established and not assoc.acse.is_release_requested():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return True
+            time.sleep(min(left, GRACE_POLL_S))
+        LOGGER.info("storage commitment %s: the requesting association was released; "
+                    "answering on a new association", item.transaction_uid)
+        return False
 
     def _next_id(self) -> int:
         self._message_id = self._message_id % 65535 + 1
@@ -373,7 +386,7 @@ class CommitmentService:
     def _send(self, item: PendingCommitment, assoc: Association | None, event_type: int,
               info: Dataset) -> str:
         """Send on *assoc* if it is open, else on a new association; returns how."""
-        if assoc is not None and self._still_open(assoc, item):
+        if assoc is not None and self._open_after_grace(assoc, item):
             # A requester that releases right after the N-ACTION-RSP does not answer; a
             # short DIMSE timeout (pynetdicom then aborts) bounds the wait.
             previous = assoc.dimse_timeout
@@ -412,24 +425,6 @@ class CommitmentService:
                             f"N-EVENT-REPORT with "
                             f"{'nothing' if code is None else f'status 0x{code:04X}'}")
         return "new_association"
-
-
-def _open_after_grace(assoc: Association, grace_s: float) -> bool:
-    """Whether *assoc* is still open once the requester had *grace_s* to release it.
-
-    A requester that releases right after the N-ACTION-RSP (PS3.4 J.3.3 allows it) sends
-    its A-RELEASE-RQ within moments. An N-EVENT-REPORT-RQ sent before that arrives
-    crosses it on the wire: the requester, waiting for the A-RELEASE-RP, cannot answer
-    (PS3.8 has no P-DATA request in Sta7), and the node has to abort an association that
-    was being released cleanly. Waiting a moment first turns that race into the rare
-    case; the abort still handles what is left of it."""
-    deadline = time.monotonic() + grace_s
-    while assoc.is_established and not assoc.acse.is_release_requested():
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return True
-        time.sleep(min(left, GRACE_POLL_S))
-    return False
 
 
 def _failures(verdict: Verdict) -> str:
