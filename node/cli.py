@@ -108,6 +108,22 @@ def build_parser() -> argparse.ArgumentParser:
                           help="first phantom seed (default 10000, away from training)")
     evaluate.add_argument("--matrix", type=int, default=256, help="phantom matrix")
 
+    fuse = verbs.add_parser("fuse", help="fit the fusion of classifier and segmenter (series "
+                                         "probabilities and operating points) on validation data")
+    _common(fuse)
+    fuse.add_argument("--data", type=Path, help="dataset folder (not needed for phantom)")
+    fuse.add_argument("--format", dest="fmt", choices=("phantom", "rsna", "ctich"),
+                      default="phantom")
+    fuse.add_argument("--out", type=Path, required=True, metavar="FILE.json",
+                      help="fusion file to write; point models.fusion at it")
+    fuse.add_argument("--n", type=int, default=60, help="phantom studies (default 60)")
+    fuse.add_argument("--seed", type=int, default=1_500_000,
+                      help="first phantom seed (default 1500000: neither training nor test)")
+    fuse.add_argument("--matrix", type=int, default=256, help="phantom matrix")
+    fuse.add_argument("--l2", type=float, default=1.0, help="L2 penalty (default 1)")
+    fuse.add_argument("--name", default="ich-fusion", help="name recorded in the file")
+    fuse.add_argument("--version", default="0.1.0", help="version recorded in the file")
+
     demo = verbs.add_parser("demo", help="node + local result receiver + phantom studies on "
                                          "this machine; prints findings against the truth")
     _common(demo)
@@ -250,6 +266,28 @@ def cmd_evaluate(args: argparse.Namespace, config: NodeConfig) -> int:
     return 0
 
 
+def cmd_fuse(args: argparse.Namespace, config: NodeConfig) -> int:
+    """``ich-node fuse``."""
+    import json
+    import shlex
+
+    from pipeline.errors import PipelineError
+    from pipeline.evaluate import fuse
+
+    try:
+        fusion = fuse(args.data, args.fmt, args.out, config.pipeline.models, n=args.n,
+                      seed=args.seed, matrix=args.matrix, l2=args.l2, name=args.name,
+                      version=args.version, command="ich-node " + shlex.join(sys.argv[1:]))
+    except (PipelineError, ValueError) as exc:
+        print(f"ich-node fuse: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"coefficients": fusion.coefficients,
+                      "operating_points": fusion.operating_points,
+                      "metrics": fusion.metrics}, indent=2))
+    print(f"fusion: {args.out} (set models.fusion to this path)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, config: NodeConfig) -> int:
     """``ich-node demo``."""
     from node.demo import CASES, run_demo
@@ -297,6 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_train(args)
         if args.verb == "evaluate":
             return cmd_evaluate(args, config)
+        if args.verb == "fuse":
+            return cmd_fuse(args, config)
         if args.verb == "demo":
             return cmd_demo(args, config)
         if args.verb == "volume":

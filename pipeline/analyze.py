@@ -36,22 +36,22 @@ def model_identity(config: PipelineConfig | None = None) -> ModelIdentity | None
     """Name, version and sha256 of the configured weights, read from their metadata
     without loading them; None when no weights are installed."""
     from pipeline.errors import InferenceError
-    from pipeline.inference import bundle_identity
+    from pipeline.inference import bundle_identity, load_fusion
     from pipeline.models.weights import read_meta
 
     models = (config or PipelineConfig()).models
     try:
-        return bundle_identity(read_meta(models.classifier_path),
-                               read_meta(models.segmenter_path))
+        c_meta, s_meta = read_meta(models.classifier_path), read_meta(models.segmenter_path)
+        return bundle_identity(c_meta, s_meta, load_fusion(models, c_meta, s_meta))
     except InferenceError:
         return None
 
 
 def check_models(config: PipelineConfig) -> ModelIdentity:
     """Check at start-up that the configured weights exist, match their sha256 and their
-    metadata's input spec, without building the networks; raises InferenceError naming
-    the file and the rule."""
-    from pipeline.inference import bundle_identity
+    metadata's input spec, and that the fusion file (if any) was fitted for them, without
+    building the networks; raises InferenceError naming the file and the rule."""
+    from pipeline.inference import bundle_identity, load_fusion
     from pipeline.models.inputs import classifier_spec, segmenter_spec
     from pipeline.models.weights import load_weights
 
@@ -62,7 +62,7 @@ def check_models(config: PipelineConfig) -> ModelIdentity:
     _, s_meta = load_weights(models.segmenter_path,
                              segmenter_spec(models.segmenter_input_size, models.segmenter_neighbours),
                              "segmenter")
-    return bundle_identity(c_meta, s_meta)
+    return bundle_identity(c_meta, s_meta, load_fusion(models, c_meta, s_meta))
 
 
 class Analyzer:

@@ -11,6 +11,10 @@ Metrics (numpy implementations; scikit-learn is not a dependency):
   whose reference volume of that class is at least ``dice_min_ml`` (1 mL) and over all
   series where either side is non-empty; volume error (mL) per subtype and in total.
 
+Series probabilities are the ones the node decides with: fused when the configuration
+has a fusion file (:mod:`pipeline.models.fusion`), the classifier's otherwise; slice
+probabilities are the classifier's. :func:`fuse` fits a fusion file on labelled series.
+
 Plots (matplotlib Agg): ROC per label (series and slice), calibration (reliability) per
 label, Bland-Altman of total blood volume.
 """
@@ -31,9 +35,10 @@ from tqdm import tqdm
 
 from pipeline.datasets import UNKNOWN_SUBTYPE, DataFormat, Study, iter_studies
 from pipeline.findings import LABELS, SUBTYPE_CODE, SUBTYPES
-from pipeline.inference import Models, decide, load_models, predict
+from pipeline.inference import Models, decide, fusion_inputs, load_models, predict
 from pipeline.lesions import voxel_volume_ml
 from pipeline.models.config import ModelsConfig
+from pipeline.models.fusion import Fusion, fit_fusion, write_fusion
 
 LOGGER = logging.getLogger(__name__)
 
@@ -171,7 +176,7 @@ def evaluate_study(study: Study, models: Models, config: ModelsConfig) -> Series
         dices["all"] = dice(ref > 0, pred > 0)
     return SeriesResult(
         study.study_id, study.slice_labels, raw.slice_probabilities, study.series_labels,
-        raw.series_probabilities,
+        np.array([findings.labels[name].probability for name in LABELS], dtype=np.float32),
         np.array([findings.labels[name].positive for name in LABELS]), ref_ml, pred_ml, dices)
 
 
@@ -323,3 +328,36 @@ def evaluate(data: Path | None, fmt: DataFormat, out_dir: Path,
     LOGGER.info("evaluated %d series in %.1fs: %s", len(results), metrics["seconds"],
                 out_dir / "metrics.json")
     return metrics
+
+
+def fuse(data: Path | None, fmt: DataFormat, out_path: Path,
+         config: ModelsConfig | None = None, *, n: int = 60, seed: int = 1_500_000,
+         matrix: int = 256, l2: float = 1.0, name: str = "ich-fusion", version: str = "0.1.0",
+         command: str = "", models: Models | None = None,
+         studies: Iterable[Study] | None = None) -> Fusion:
+    """Run both networks of ``config`` (without any fusion) on labelled validation series,
+    fit a fusion for them (:func:`pipeline.models.fusion.fit_fusion`) and write it to
+    ``out_path``. Phantom data as in :func:`evaluate`; use seeds that are neither training
+    nor held-out test seeds. ValueError when a label has one class only in the data."""
+    cfg = (config or ModelsConfig()).model_copy(update={"fusion": None})
+    t0 = time.perf_counter()
+    mdl = models or load_models(cfg)
+    source = studies if studies is not None else iter_studies(data, fmt, n=n, seed=seed,
+                                                              matrix=matrix)
+    inputs, labels = [], []
+    for study in tqdm(source, desc="fuse", unit="series", disable=None):
+        raw = predict(study.hu, mdl, cfg.batch_size)
+        inputs.append(fusion_inputs(raw, study.image))
+        labels.append(np.asarray(study.series_labels))
+    if not inputs:
+        raise ValueError(f"no studies to fit the fusion on in {data or 'the phantom'}")
+    where = (f"{len(inputs)} phantom series from seed {seed}, {matrix} px matrix"
+             if data is None else f"{len(inputs)} series of {data} ({fmt})")
+    c, s = mdl.classifier_meta, mdl.segmenter_meta
+    fusion = fit_fusion(inputs, np.stack(labels), c.sha256, s.sha256, name=name,
+                        version=version, demo=c.demo or s.demo, l2=l2, fitted_on=where,
+                        command=command)
+    write_fusion(fusion, out_path)
+    LOGGER.info("fitted fusion %s %s on %s in %.1fs: %s", name, version, where,
+                time.perf_counter() - t0, out_path)
+    return fusion

@@ -10,13 +10,16 @@ why a worker holds one :class:`Models`.
 
 Decisions and mask, as written into :class:`~pipeline.findings.Findings`:
 
-* Series probabilities come from the classifier's attention pooling; a label is
-  positive when its probability reaches the operating point (config, else the weights'
-  metadata). "any" is also positive when any subtype is (RSNA: any = OR of subtypes);
-  the case is reported in ``warnings``.
+* Series probabilities: with a fusion file (``config.fusion``, the default), the
+  per-label logistic model of :mod:`pipeline.models.fusion` over the classifier's series
+  and highest slice probabilities and the segmenter's volumes; without one, the
+  classifier's attention pooling alone. A label is positive when its probability reaches
+  the operating point (config, else the fusion file's, else the classifier metadata's).
+  "any" is also positive when any subtype is (RSNA: any = OR of subtypes); the case is
+  reported in ``warnings``.
 * The mask is the segmenter's per-pixel argmax on the volume grid (logits resized back
   bilinearly from the model grid). With ``mask_gate='any_positive'`` (default) the mask
-  and lesion table are emptied when the classifier calls the series negative; a
+  and lesion table are emptied when the series is called negative; a
   segmentation that is withheld, or a positive series without any segmented lesion, is
   reported in ``warnings``. Subtype codes inside the mask are the segmenter's own; the
   classifier's subtype decisions do not edit the mask.
@@ -42,6 +45,7 @@ from pipeline.findings import LABELS, SUBTYPES, Findings, LabelFinding, ModelIde
 from pipeline.lesions import find_lesions, voxel_volume_ml
 from pipeline.models.classifier import ClassifierArch, SliceSeriesClassifier, build_classifier
 from pipeline.models.config import ModelsConfig
+from pipeline.models.fusion import Fusion, FusionInputs, check_fusion, read_fusion
 from pipeline.models.inputs import (
     ModelGrid,
     classifier_spec,
@@ -69,19 +73,36 @@ class Models:
     autocast_dtype: torch.dtype | None  # None: fp32
     thresholds: dict[str, float]  # LABELS order
     deterministic: bool = True  # torch deterministic algorithms while predicting
+    fusion: Fusion | None = None  # series decisions from both networks (None: classifier)
 
     @property
     def identity(self) -> ModelIdentity:
-        """One identity for the pair (:func:`bundle_identity`)."""
-        return bundle_identity(self.classifier_meta, self.segmenter_meta)
+        """One identity for the networks and the fusion (:func:`bundle_identity`)."""
+        return bundle_identity(self.classifier_meta, self.segmenter_meta, self.fusion)
 
 
-def bundle_identity(c: WeightsMeta, s: WeightsMeta) -> ModelIdentity:
-    """One identity for classifier and segmenter: names and versions joined with '+', and
-    the sha256 of the two weights files' sha256 hex digests joined by a newline."""
-    bundle = hashlib.sha256(f"{c.sha256}\n{s.sha256}\n".encode()).hexdigest()
-    return ModelIdentity(name=f"{c.name}+{s.name}", version=f"{c.version}+{s.version}",
-                         sha256=bundle, demo=c.demo or s.demo)
+def bundle_identity(c: WeightsMeta, s: WeightsMeta, fusion: Fusion | None = None
+                    ) -> ModelIdentity:
+    """One identity for classifier, segmenter and fusion file: names and versions joined
+    with '+', and the sha256 of the files' sha256 hex digests, each followed by a newline."""
+    parts = [c, s] + ([fusion] if fusion is not None else [])
+    bundle = hashlib.sha256("".join(f"{p.sha256}\n" for p in parts).encode()).hexdigest()
+    return ModelIdentity(name="+".join(p.name for p in parts),
+                         version="+".join(p.version for p in parts),
+                         sha256=bundle, demo=any(p.demo for p in parts))
+
+
+def load_fusion(config: ModelsConfig, c_meta: WeightsMeta, s_meta: WeightsMeta
+                ) -> Fusion | None:
+    """The configured fusion file after checking that it was fitted for these weights;
+    None when ``config.fusion`` is null, or 'auto' without a fusion file beside the
+    classifier weights. InferenceError names the file and the mismatch."""
+    path = config.fusion_path
+    if path is None or (config.fusion == "auto" and not path.is_file()):
+        return None
+    fusion = read_fusion(path)
+    check_fusion(fusion, c_meta.sha256, s_meta.sha256, path)
+    return fusion
 
 
 def cpu_threads() -> int:
@@ -110,24 +131,27 @@ def select_device(config: ModelsConfig) -> tuple[torch.device, torch.dtype | Non
     return torch.device("cpu"), torch.bfloat16 if config.precision == "bf16" else None
 
 
-def _thresholds(config: ModelsConfig, meta: WeightsMeta) -> dict[str, float]:
+def _thresholds(config: ModelsConfig, meta: WeightsMeta, fusion: Fusion | None
+                ) -> dict[str, float]:
     try:
-        return config.thresholds.resolve(meta.operating_points)
+        return config.thresholds.resolve(fusion.operating_points if fusion is not None
+                                         else meta.operating_points)
     except ValueError as exc:
         raise InferenceError(f"models.thresholds: {exc}") from exc
 
 
 def assemble_models(classifier: SliceSeriesClassifier, segmenter: Segmenter,
                     classifier_meta: WeightsMeta, segmenter_meta: WeightsMeta,
-                    config: ModelsConfig) -> Models:
-    """Wrap networks already built (training, evaluation, tests) as :class:`Models`."""
+                    config: ModelsConfig, fusion: Fusion | None = None) -> Models:
+    """Wrap networks already built (training, evaluation, tests) as :class:`Models`;
+    ``fusion`` is used as given (:func:`load_fusion` reads and checks the configured one)."""
     device, dtype = select_device(config)
     if device.type == "cpu":
         torch.set_num_threads(config.threads or cpu_threads())
     classifier.to(device).eval()
     segmenter.to(device).eval()
     return Models(classifier, segmenter, classifier_meta, segmenter_meta, device, dtype,
-                  _thresholds(config, classifier_meta), config.deterministic)
+                  _thresholds(config, classifier_meta, fusion), config.deterministic, fusion)
 
 
 def load_models(config: ModelsConfig) -> Models:
@@ -153,10 +177,13 @@ def load_models(config: ModelsConfig) -> Models:
     if c_arch.in_channels != c_meta.spec.channels or s_arch.in_channels != s_meta.spec.channels:
         raise InferenceError("weights metadata is inconsistent: architecture in_channels "
                              "differs from the input spec's channel count")
-    models = assemble_models(classifier, segmenter, c_meta, s_meta, config)
-    LOGGER.info("models loaded on %s in %.2fs: %s %s (sha256 %s), %s %s (sha256 %s)",
+    fusion = load_fusion(config, c_meta, s_meta)
+    models = assemble_models(classifier, segmenter, c_meta, s_meta, config, fusion)
+    LOGGER.info("models loaded on %s in %.2fs: %s %s (sha256 %s), %s %s (sha256 %s), %s",
                 models.device, time.perf_counter() - t0, c_meta.name, c_meta.version,
-                c_meta.sha256[:12], s_meta.name, s_meta.version, s_meta.sha256[:12])
+                c_meta.sha256[:12], s_meta.name, s_meta.version, s_meta.sha256[:12],
+                f"fusion {fusion.name} {fusion.version}" if fusion is not None
+                else "no fusion (classifier decides)")
     return models
 
 
@@ -261,13 +288,31 @@ def run_models(volume: Volume, models: Models, config: ModelsConfig) -> Findings
     return findings
 
 
+def fusion_inputs(raw: RawOutputs, image: sitk.Image) -> FusionInputs:
+    """What the fusion reads of network outputs on ``image``'s grid: series and highest
+    slice probabilities, segmented mL per subtype (argmax, before gate and size filter)."""
+    counts = np.bincount(raw.mask.ravel(), minlength=len(SUBTYPES) + 1)[1:len(SUBTYPES) + 1]
+    return FusionInputs(np.asarray(raw.series_probabilities, dtype=np.float64),
+                        np.asarray(raw.slice_probabilities, dtype=np.float64).max(axis=0),
+                        counts.astype(np.float64) * voxel_volume_ml(image))
+
+
+def series_probabilities(raw: RawOutputs, image: sitk.Image, models: Models) -> np.ndarray:
+    """Series probability per label (LABELS order): fused when ``models.fusion`` is set,
+    else the classifier's."""
+    if models.fusion is None:
+        return np.asarray(raw.series_probabilities, dtype=np.float32)
+    return models.fusion.probabilities(fusion_inputs(raw, image))
+
+
 def decide(raw: RawOutputs, image: sitk.Image, models: Models, config: ModelsConfig
            ) -> Findings:
     """Thresholds, mask gate and lesion table for network outputs on ``image``'s grid."""
     warnings: list[str] = []
     thresholds = models.thresholds
-    labels = {name: LabelFinding(probability=float(raw.series_probabilities[i]),
-                                 positive=bool(raw.series_probabilities[i] >= thresholds[name]),
+    probabilities = series_probabilities(raw, image, models)
+    labels = {name: LabelFinding(probability=float(probabilities[i]),
+                                 positive=bool(probabilities[i] >= thresholds[name]),
                                  threshold=thresholds[name])
               for i, name in enumerate(LABELS)}
     positive_subtypes = [s for s in SUBTYPES if labels[s].positive]

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pipeline.findings import LABELS
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+FUSION_FILE = "fusion.json"  # the fusion file that models.fusion 'auto' looks for
 
 
 class _Strict(BaseModel):
@@ -22,28 +23,29 @@ class _Strict(BaseModel):
 
 
 class OperatingPoints(_Strict):
-    """Probability thresholds per label; ``null`` takes the operating point stored in the
-    weights' metadata (chosen on the validation set when the weights were trained)."""
+    """Probability thresholds per label; ``null`` takes the stored operating point: the
+    fusion file's when ``models.fusion`` is set, else the classifier metadata's (both
+    chosen on validation series)."""
 
     any: float | None = Field(
         default=None, gt=0.0, lt=1.0,
         description="Series probability (0..1) at or above which 'any' is positive. "
-        "Default: null (the weights' operating point).")
+        "Default: null (the stored operating point).")
     epidural: float | None = Field(
         default=None, gt=0.0, lt=1.0,
-        description="Threshold (0..1) for epidural. Default: null (from the weights).")
+        description="Threshold (0..1) for epidural. Default: null (the stored operating point).")
     intraparenchymal: float | None = Field(
         default=None, gt=0.0, lt=1.0,
-        description="Threshold (0..1) for intraparenchymal. Default: null (from the weights).")
+        description="Threshold (0..1) for intraparenchymal. Default: null (the stored operating point).")
     intraventricular: float | None = Field(
         default=None, gt=0.0, lt=1.0,
-        description="Threshold (0..1) for intraventricular. Default: null (from the weights).")
+        description="Threshold (0..1) for intraventricular. Default: null (the stored operating point).")
     subarachnoid: float | None = Field(
         default=None, gt=0.0, lt=1.0,
-        description="Threshold (0..1) for subarachnoid. Default: null (from the weights).")
+        description="Threshold (0..1) for subarachnoid. Default: null (the stored operating point).")
     subdural: float | None = Field(
         default=None, gt=0.0, lt=1.0,
-        description="Threshold (0..1) for subdural. Default: null (from the weights).")
+        description="Threshold (0..1) for subdural. Default: null (the stored operating point).")
 
     def resolve(self, stored: dict[str, float]) -> dict[str, float]:
         """Thresholds in LABELS order: the configured value, else the stored one."""
@@ -92,7 +94,7 @@ class ModelsConfig(_Strict):
     thresholds: OperatingPoints = Field(
         default=OperatingPoints(),
         description="Per-label probability thresholds (0..1). Default: the operating points "
-        "stored with the weights.")
+        "stored in the fusion file (or, without one, in the classifier's metadata).")
     batch_size: int = Field(
         default=16, ge=1, le=512,
         description="Slices per forward pass. Default: 16.")
@@ -115,10 +117,19 @@ class ModelsConfig(_Strict):
         default=0.05, ge=0.0,
         description="mL; connected components of the mask below this volume are removed "
         "and not reported. Default: 0.05.")
+    fusion: Literal["auto"] | Path | None = Field(
+        default="auto",
+        description="The fusion file that turns the classifier's probabilities and the "
+        "segmenter's volumes into the series probabilities and holds their operating points "
+        "(fit one with 'ich-node fuse'); it names the sha256 of the two weights files it was "
+        "fitted for and is refused for any others. 'auto': fusion.json beside the "
+        "classifier weights when there is one, else the classifier alone; a path: that file "
+        "(relative: from pipeline/weights/), which must exist; null: the classifier alone, "
+        "at the operating points of its metadata. Default: auto.")
     mask_gate: Literal["any_positive", "none"] = Field(
         default="any_positive",
         description="'any_positive': the segmentation mask (and lesion table) is kept only "
-        "when the classifier calls the series positive for 'any'; 'none': always kept. "
+        "when the series is called positive for 'any'; 'none': always kept. "
         "Default: any_positive.")
 
     @property
@@ -132,6 +143,16 @@ class ModelsConfig(_Strict):
         """The segmenter weights file (relative paths from the shipped weights folder)."""
         return self.segmenter_weights if self.segmenter_weights.is_absolute() \
             else WEIGHTS_DIR / self.segmenter_weights
+
+    @property
+    def fusion_path(self) -> Path | None:
+        """The fusion file: ``fusion.json`` beside the classifier weights for 'auto', a
+        path (relative paths from the shipped weights folder), or None for null."""
+        if self.fusion is None:
+            return None
+        if self.fusion == "auto":
+            return self.classifier_path.parent / FUSION_FILE
+        return self.fusion if self.fusion.is_absolute() else WEIGHTS_DIR / self.fusion
 
     @model_validator(mode="after")
     def _distinct_weights(self) -> ModelsConfig:
