@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-minutes", type=float, default=0.0, help="time budget; 0 = none")
     train.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    train.add_argument("--init", type=Path, metavar="WEIGHTS.pt",
+                       help="start from these weights (same architecture and input spec; "
+                       "fine-tuning), e.g. the shipped ones")
 
     evaluate = verbs.add_parser("evaluate", help="metrics and plots of the configured weights")
     _common(evaluate)
@@ -248,7 +251,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                    resume=args.resume, steps_per_epoch=args.steps_per_epoch,
                    n_train=args.n_train, n_val=args.n_val, matrix=args.matrix,
                    max_minutes=args.max_minutes, device=args.device, crop=args.crop,
-                   command="ich-node " + shlex.join(sys.argv[1:]))
+                   init=args.init, command="ich-node " + shlex.join(sys.argv[1:]))
     print(result)
     return 0
 

@@ -23,7 +23,9 @@ Decisions and mask, as written into :class:`~pipeline.findings.Findings`:
   segmentation that is withheld, or a positive series without any segmented lesion, is
   reported in ``warnings``. Subtype codes inside the mask are the segmenter's own; the
   classifier's subtype decisions do not edit the mask.
-* Components below ``min_lesion_ml`` are removed from the mask (see :mod:`pipeline.lesions`).
+* Each connected epidural/subdural collection gets the one of the two subtypes that most
+  of its voxels have (:func:`pipeline.lesions.one_extra_axial_subtype`); components below
+  ``min_lesion_ml`` are removed from the mask (see :mod:`pipeline.lesions`).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import torch
 
 from pipeline.errors import InferenceError
 from pipeline.findings import LABELS, SUBTYPES, Findings, LabelFinding, ModelIdentity
-from pipeline.lesions import find_lesions, voxel_volume_ml
+from pipeline.lesions import find_lesions, one_extra_axial_subtype, voxel_volume_ml
 from pipeline.models.classifier import ClassifierArch, SliceSeriesClassifier, build_classifier
 from pipeline.models.config import ModelsConfig
 from pipeline.models.fusion import Fusion, FusionInputs, check_fusion, read_fusion
@@ -329,7 +331,7 @@ def decide(raw: RawOutputs, image: sitk.Image, models: Models, config: ModelsCon
         warnings.append(f"the segmenter marked {ml:.2f} mL but the classifier calls the series "
                         "negative: no mask or lesions reported (mask_gate any_positive)")
         mask = np.zeros_like(mask)
-    lesions, mask = find_lesions(mask, image, config.min_lesion_ml)
+    lesions, mask = find_lesions(one_extra_axial_subtype(mask), image, config.min_lesion_ml)
     if labels["any"].positive and not lesions:
         warnings.append(f"the classifier calls the series positive but the segmenter found no "
                         f"lesion of {config.min_lesion_ml} mL or more")

@@ -5,7 +5,8 @@ with a full 3x3x3 structure). Volumes use the voxel volume from the image spacin
 centroids are mapped to patient coordinates (LPS, mm) with the SimpleITK image's
 ``TransformContinuousIndexToPhysicalPoint``, so gantry-tilt-corrected or oblique
 volumes report true positions. Components below ``min_volume_ml`` are removed from the
-mask and not reported.
+mask and not reported. :func:`one_extra_axial_subtype` gives each epidural/subdural
+collection a single subtype before the table is made.
 """
 
 from __future__ import annotations
@@ -27,6 +28,30 @@ def voxel_volume_ml(image: sitk.Image) -> float:
     """Volume of one voxel in mL (spacing in mm; 1 mL = 1000 mm^3)."""
     sx, sy, sz = image.GetSpacing()
     return float(sx * sy * sz) / 1000.0
+
+
+def one_extra_axial_subtype(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with every connected collection of epidural and subdural voxels given the
+    one of the two codes that most of its voxels carry (ties: epidural).
+
+    A segmenter that decides voxel by voxel can split one convexity collection into an
+    epidural and a subdural part; a collection is one or the other (the lens or crescent
+    shape, the sutures it crosses or not), so the minority part is relabelled. Other
+    subtypes are left alone: intraventricular extension of a parenchymal bleed is two
+    subtypes in one connected region and is reported as such.
+    """
+    epi, sub = SUBTYPE_CODE["epidural"], SUBTYPE_CODE["subdural"]
+    extra = (mask == epi) | (mask == sub)
+    if not extra.any():
+        return mask
+    labels, n = ndimage.label(extra, structure=_STRUCTURE_26)
+    flat = labels.ravel()
+    n_epi = np.bincount(flat, weights=(mask == epi).ravel(), minlength=n + 1)
+    n_sub = np.bincount(flat, weights=(mask == sub).ravel(), minlength=n + 1)
+    winner = np.where(n_sub > n_epi, sub, epi).astype(mask.dtype)
+    out = mask.copy()
+    out[extra] = winner[labels[extra]]
+    return out
 
 
 def find_lesions(mask: np.ndarray, image: sitk.Image, min_volume_ml: float = 0.05

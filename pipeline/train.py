@@ -47,7 +47,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.datasets import UNKNOWN_SUBTYPE, DataFormat, Study, iter_studies
-from pipeline.errors import PipelineError
+from pipeline.errors import InferenceError, PipelineError
 from pipeline.evaluate import dice, operating_point, roc_auc, weighted_log_loss
 from pipeline.findings import LABELS
 from pipeline.inference import cpu_threads
@@ -62,7 +62,7 @@ from pipeline.models.inputs import (
     windows_on_grid,
 )
 from pipeline.models.segmenter import N_CLASSES, Segmenter, SegmenterArch, build_segmenter
-from pipeline.models.weights import ModelKind, WeightsMeta, save_weights
+from pipeline.models.weights import ModelKind, WeightsMeta, load_weights, save_weights
 
 LOGGER = logging.getLogger(__name__)
 
@@ -101,6 +101,7 @@ class TrainOptions:
     command: str = ""
     phantom_options: dict[str, Any] = field(default_factory=dict)
     cache: str | None = None  # folder for prepared in-memory phantom data, shared by runs
+    init: str | None = None  # weights file (.pt + sidecar) to start from (fine-tuning)
 
     @property
     def tile(self) -> int:
@@ -145,6 +146,23 @@ def new_network(kind: ModelKind, size: int, neighbours: int, tile: int = 0
     spec = segmenter_spec(size, neighbours)
     s_arch = SegmenterArch(in_channels=spec.channels, tile=tile)
     return build_segmenter(s_arch), spec, s_arch.to_dict()
+
+
+def init_from(net: nn.Module, spec: InputSpec, arch: dict[str, Any], kind: ModelKind,
+              path: Path) -> None:
+    """Load the state of weights file ``path`` into ``net`` (fine-tuning): its sha256, kind
+    and input spec are checked as at inference, and its architecture must be ``arch``;
+    TrainingError otherwise."""
+    try:
+        state, meta = load_weights(path, spec, kind)
+    except InferenceError as exc:
+        raise TrainingError(f"--init: {exc}") from exc
+    if meta.architecture != arch:
+        raise TrainingError(f"--init: {path} holds architecture {meta.architecture}, this run "
+                            f"builds {arch}")
+    net.load_state_dict(state)
+    LOGGER.info("starting from %s %s %s (sha256 %s)", path, meta.name, meta.version,
+                meta.sha256[:12])
 
 
 # --------------------------------------------------------------------------- data
@@ -556,7 +574,7 @@ def train(kind: Kind, data: Path | None, fmt: DataFormat, out: Path, *, epochs: 
           steps_per_epoch: int = 0, n_train: int = 120, n_val: int = 24, matrix: int = 128,
           max_minutes: float = 0.0, device: Literal["auto", "cpu", "cuda"] = "auto",
           command: str = "", phantom_options: dict[str, Any] | None = None,
-          cache: Path | None = None, crop: int = 0,
+          cache: Path | None = None, crop: int = 0, init: Path | None = None,
           studies: Sequence[Study] | None = None, val_studies: Sequence[Study] | None = None
           ) -> TrainResult:
     """Train ``kind`` and write ``out/last.pt``, ``out/best.pt`` and ``out/best.json``.
@@ -564,7 +582,8 @@ def train(kind: Kind, data: Path | None, fmt: DataFormat, out: Path, *, epochs: 
     See the module docstring; ``phantom_options`` go to the phantom generator.
     ``studies`` / ``val_studies`` replace the data source (tests, notebooks); ``cache``
     keeps prepared in-memory phantom data in a folder so that a second run with the same
-    seed, counts and sizes skips the generation.
+    seed, counts and sizes skips the generation. ``init`` starts from a weights file of the
+    same architecture and input spec (fine-tuning; a resumed checkpoint takes precedence).
     Raises :class:`TrainingError` when the data or a checkpoint to resume is unusable.
     """
     opts = TrainOptions(kind=kind, fmt=fmt, data=str(data) if data else None, epochs=epochs,
@@ -572,7 +591,8 @@ def train(kind: Kind, data: Path | None, fmt: DataFormat, out: Path, *, epochs: 
                         seq_len=seq_len, steps_per_epoch=steps_per_epoch, n_train=n_train,
                         n_val=n_val, matrix=matrix, max_minutes=max_minutes, device=device,
                         command=command, phantom_options=dict(phantom_options or {}),
-                        cache=str(cache) if cache else None, crop=crop)
+                        cache=str(cache) if cache else None, crop=crop,
+                        init=str(init) if init else None)
     given = None
     if studies is not None:
         given = ([prepare(s, size) for s in studies],
@@ -592,6 +612,8 @@ def run_training(opts: TrainOptions, out: Path, resume: bool = False,
     torch.manual_seed(opts.seed)
     rng = np.random.default_rng(opts.seed)
     net, spec, arch = new_network(opts.kind, opts.size, opts.neighbours, opts.tile)
+    if opts.init and not (resume and (out / "last.pt").is_file()):
+        init_from(net, spec, arch, opts.kind, Path(opts.init))
     net.to(dev)
     train_set, val_set = data if data is not None else load_data(opts)
     if opts.kind == "segmenter":

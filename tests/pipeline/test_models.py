@@ -12,7 +12,7 @@ import torch
 from pipeline.datasets import Study, image_for
 from pipeline.errors import InferenceError
 from pipeline.findings import LABELS, SUBTYPE_CODE
-from pipeline.lesions import find_lesions
+from pipeline.lesions import find_lesions, one_extra_axial_subtype
 from pipeline.models.classifier import ClassifierArch, build_classifier
 from pipeline.models.config import ModelsConfig, OperatingPoints
 from pipeline.models.inputs import (
@@ -234,3 +234,22 @@ def test_lesions_volume_centroid_and_small_components() -> None:
     with pytest.raises(ValueError, match="codes"):
         find_lesions(np.full((3, 5, 5), 7, np.uint8), image_for(diag.astype(np.float32),
                                                                 (1.0, 1.0, 1.0)))
+
+
+def test_an_extra_axial_collection_gets_one_subtype() -> None:
+    epi, sub, iph, ivh = (SUBTYPE_CODE[s] for s in ("epidural", "subdural", "intraparenchymal",
+                                                    "intraventricular"))
+    mask = np.zeros((4, 30, 30), np.uint8)
+    mask[1:3, 2:12, 2:5] = sub  # one convexity collection: 60 subdural voxels ...
+    mask[1:3, 12:15, 2:5] = epi  # ... and 18 epidural voxels touching them
+    mask[1:3, 20:23, 20:22] = epi  # a separate epidural collection stays epidural
+    mask[1:3, 20:23, 22:23] = sub  # with a smaller subdural rim
+    mask[0:2, 10:14, 12:16] = iph  # a parenchymal bleed with ventricular extension
+    mask[2:4, 10:14, 12:16] = ivh
+    out = one_extra_axial_subtype(mask)
+    assert (out[1:3, 2:15, 2:5] == sub).all()
+    assert (out[1:3, 20:23, 20:23] == epi).all()
+    np.testing.assert_array_equal(out[:, 10:14, 12:16], mask[:, 10:14, 12:16])
+    assert (out == 0).sum() == (mask == 0).sum()
+    empty = np.zeros((2, 4, 4), np.uint8)
+    assert one_extra_axial_subtype(empty) is empty

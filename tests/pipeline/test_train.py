@@ -83,6 +83,29 @@ def test_classifier_overfits_and_resumes(tmp_path: Path) -> None:
               device="cpu", resume=True)
 
 
+def test_training_starts_from_given_weights(tmp_path: Path) -> None:
+    """--init: the run starts from the weights file (checked like at inference), so a
+    learning rate near zero ends where it started; other sizes are refused."""
+    studies = toy_set(6, seed=3)
+    first = train("classifier", None, "phantom", tmp_path / "a", epochs=1, batch=3, lr=3e-3,
+                  seed=0, size=32, seq_len=8, steps_per_epoch=4, studies=studies, device="cpu")
+    start, _ = load_weights(first.best, classifier_spec(32, 1), "classifier")
+    tuned = train("classifier", None, "phantom", tmp_path / "b", epochs=1, batch=3, lr=1e-12,
+                  seed=5, size=32, seq_len=8, steps_per_epoch=2, studies=studies, device="cpu",
+                  init=first.best)
+    end, meta = load_weights(tuned.best, classifier_spec(32, 1), "classifier")
+    assert meta.training["options"]["init"] == str(first.best)
+    weights = [k for k in start if start[k].is_floating_point() and "running" not in k]
+    assert weights and all(torch.allclose(start[k], end[k], atol=1e-6) for k in weights)
+    fresh = train("classifier", None, "phantom", tmp_path / "c", epochs=1, batch=3, lr=1e-12,
+                  seed=5, size=32, seq_len=8, steps_per_epoch=2, studies=studies, device="cpu")
+    other, _ = load_weights(fresh.best, classifier_spec(32, 1), "classifier")
+    assert not all(torch.allclose(start[k], other[k], atol=1e-6) for k in weights)
+    with pytest.raises(TrainingError, match=r"--init: .*size: 64 vs 32|--init: .*size"):
+        train("classifier", None, "phantom", tmp_path / "d", epochs=1, size=64,
+              studies=studies, device="cpu", init=first.best)
+
+
 def test_segmenter_overfits(tmp_path: Path) -> None:
     studies = toy_set(6, seed=2)
     result = train("segmenter", None, "phantom", tmp_path / "seg", epochs=4, batch=8,
