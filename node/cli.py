@@ -287,7 +287,8 @@ def cmd_fuse(args: argparse.Namespace, config: NodeConfig) -> int:
     print(json.dumps({"coefficients": fusion.coefficients,
                       "operating_points": fusion.operating_points,
                       "metrics": fusion.metrics}, indent=2))
-    print(f"fusion: {args.out} (set models.fusion to this path)")
+    print(f"fusion: {args.out} (used when it lies beside the classifier weights as "
+          "fusion.json, models.fusion 'auto'; elsewhere, name it in models.fusion)")
     return 0
 
 
