@@ -44,13 +44,15 @@ def one_extra_axial_subtype(mask: np.ndarray) -> np.ndarray:
     extra = (mask == epi) | (mask == sub)
     if not extra.any():
         return mask
-    labels, n = ndimage.label(extra, structure=_STRUCTURE_26)
+    box = ndimage.find_objects(extra.astype(np.uint8))[0]  # label within the bounding box
+    part, inside = mask[box], extra[box]
+    labels, n = ndimage.label(inside, structure=_STRUCTURE_26)
     flat = labels.ravel()
-    n_epi = np.bincount(flat, weights=(mask == epi).ravel(), minlength=n + 1)
-    n_sub = np.bincount(flat, weights=(mask == sub).ravel(), minlength=n + 1)
+    n_epi = np.bincount(flat, weights=(part == epi).ravel(), minlength=n + 1)
+    n_sub = np.bincount(flat, weights=(part == sub).ravel(), minlength=n + 1)
     winner = np.where(n_sub > n_epi, sub, epi).astype(mask.dtype)
     out = mask.copy()
-    out[extra] = winner[labels[extra]]
+    out[box][inside] = winner[labels[inside]]
     return out
 
 
