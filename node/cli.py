@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     fuse.add_argument("--format", dest="fmt", choices=("phantom", "rsna", "ctich"),
                       default="phantom")
     fuse.add_argument("--out", type=Path, required=True, metavar="FILE.json",
-                      help="fusion file to write; point models.fusion at it")
+                      help="fusion file to write: found as fusion.json beside the "
+                      "classifier weights (models.fusion 'auto'), else name it in models.fusion")
     fuse.add_argument("--n", type=int, default=60, help="phantom studies (default 60)")
     fuse.add_argument("--seed", type=int, default=1_500_000,
                       help="first phantom seed (default 1500000: neither training nor test)")
