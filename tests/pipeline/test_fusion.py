@@ -155,3 +155,12 @@ def test_fuse_fits_on_studies_and_the_cli_refuses_one_class_data(tmp_path: Path)
                          cwd=REPO, timeout=300)
     assert run.returncode == 2, run.stderr
     assert "ich-node fuse: the fitting series are all" in run.stderr
+
+
+def test_the_shipped_fusion_fits_the_shipped_weights_and_is_off_by_default() -> None:
+    from pipeline.models.config import ModelsConfig
+
+    assert load_models(ModelsConfig(device="cpu")).fusion is None
+    fused = load_models(ModelsConfig(device="cpu", fusion=Path("fusion-0.1.0.json")))
+    assert fused.fusion is not None and fused.fusion.name == "ich-demo-fusion"
+    assert fused.thresholds == fused.fusion.operating_points
