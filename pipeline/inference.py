@@ -10,9 +10,10 @@ why a worker holds one :class:`Models`.
 
 Decisions and mask, as written into :class:`~pipeline.findings.Findings`:
 
-* Series probabilities: with a fusion file (``config.fusion``, the default), the
-  per-label logistic model of :mod:`pipeline.models.fusion` over the classifier's series
-  and highest slice probabilities and the segmenter's volumes; without one, the
+* Series probabilities: with a fusion file (``config.fusion``: a named file, or
+  ``fusion.json`` beside the classifier weights for 'auto'), the per-label logistic model
+  of :mod:`pipeline.models.fusion` over the classifier's series and highest slice
+  probabilities and the segmenter's volumes; without one (the shipped default), the
   classifier's attention pooling alone. A label is positive when its probability reaches
   the operating point (config, else the fusion file's, else the classifier metadata's).
   "any" is also positive when any subtype is (RSNA: any = OR of subtypes); the case is
