@@ -48,6 +48,10 @@ FEATURES: tuple[str, ...] = ("series_logit", "slice_max_logit", "log1p_label_ml"
 _EPS = 1e-4
 
 
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -30, 30)))
+
+
 @dataclass(frozen=True)
 class FusionInputs:
     """What the fusion reads of one series (LABELS order for probabilities; mL per subtype
@@ -95,7 +99,7 @@ class Fusion:
         x = inputs.features()
         z = np.array([float(np.dot(x[i], self.coefficients[name][:-1]))
                       + self.coefficients[name][-1] for i, name in enumerate(LABELS)])
-        return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+        return _sigmoid(z).astype(np.float32)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form (see the module docstring)."""
@@ -177,7 +181,7 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0, steps: int = 50,
         penalty = np.diag(np.r_[np.full(len(keep), l2), 0.0])
         w = np.zeros(len(keep) + 1)
         for _ in range(steps):
-            p = 1.0 / (1.0 + np.exp(-np.clip(x1 @ w, -30, 30)))
+            p = _sigmoid(x1 @ w)
             grad = x1.T @ (p - y) + penalty @ w
             hess = (x1 * (p * (1 - p))[:, None]).T @ x1 + penalty + 1e-9 * np.eye(len(w))
             step = np.linalg.solve(hess, grad)
@@ -215,7 +219,7 @@ def fit_fusion(inputs: list[FusionInputs], labels: np.ndarray, classifier_sha256
                              f"for '{label}': fusion needs both")
         w = fit_logistic(feats[:, j], y[:, j], l2)
         coefficients[label] = [round(float(v), 6) for v in w]
-        fused = 1.0 / (1.0 + np.exp(-(feats[:, j] @ w[:-1] + w[-1])))
+        fused = _sigmoid(feats[:, j] @ w[:-1] + w[-1])
         points[label] = operating_point(y[:, j], fused)
         aucs[label] = roc_auc(y[:, j], fused)
     return Fusion(name=name, version=version, classifier_sha256=classifier_sha256,
