@@ -611,8 +611,10 @@ def run_training(opts: TrainOptions, out: Path, resume: bool = False,
         torch.set_num_threads(cpu_threads())
     torch.manual_seed(opts.seed)
     rng = np.random.default_rng(opts.seed)
+    last_path, best_path = out / "last.pt", out / "best.pt"
+    resuming = resume and last_path.is_file()
     net, spec, arch = new_network(opts.kind, opts.size, opts.neighbours, opts.tile)
-    if opts.init and not (resume and (out / "last.pt").is_file()):
+    if opts.init and not resuming:
         init_from(net, spec, arch, opts.kind, Path(opts.init))
     net.to(dev)
     train_set, val_set = data if data is not None else load_data(opts)
@@ -642,10 +644,9 @@ def run_training(opts: TrainOptions, out: Path, resume: bool = False,
     use_amp = dev.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
-    last_path, best_path = out / "last.pt", out / "best.pt"
     first_epoch, best_score, best_epoch, global_step = 0, -math.inf, -1, 0
     history: list[dict[str, Any]] = []
-    if resume and last_path.is_file():
+    if resuming:
         ckpt = torch.load(last_path, map_location=dev, weights_only=False)
         saved = ckpt.get("options", {})
         for key in ("kind", "size", "neighbours", "crop"):
