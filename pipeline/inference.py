@@ -329,12 +329,12 @@ def decide(raw: RawOutputs, image: sitk.Image, models: Models, config: ModelsCon
     mask = raw.mask
     if config.mask_gate == "any_positive" and not labels["any"].positive and mask.any():
         ml = float(np.count_nonzero(mask)) * voxel_volume_ml(image)
-        warnings.append(f"the segmenter marked {ml:.2f} mL but the classifier calls the series "
+        warnings.append(f"the segmenter marked {ml:.2f} mL but the series is called "
                         "negative: no mask or lesions reported (mask_gate any_positive)")
         mask = np.zeros_like(mask)
     lesions, mask = find_lesions(one_extra_axial_subtype(mask), image, config.min_lesion_ml)
     if labels["any"].positive and not lesions:
-        warnings.append(f"the classifier calls the series positive but the segmenter found no "
+        warnings.append(f"the series is called positive but the segmenter found no "
                         f"lesion of {config.min_lesion_ml} mL or more")
     timings = dict(raw.timings_s)
     timings["lesions"] = time.perf_counter() - t1
