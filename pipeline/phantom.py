@@ -78,8 +78,12 @@ from pipeline.phantom_lesions import (
 
 LOGGER = logging.getLogger(__name__)
 
+# Raised whenever the same seed would give other pixels or labels (prepared-data caches key on it).
+# 2: blood in CSF spaces replaces the CSF share only, and is labelled only where it shows.
+PHANTOM_VERSION = 2
+
 __all__ = [
-    "CTICH_FIRST_PATIENT", "PUBLISHED_HU", "RSNA_LABELS", "SUBTYPES", "SUBTYPE_CODES", "LABEL_PRIORITY",
+    "PHANTOM_VERSION", "CTICH_FIRST_PATIENT", "PUBLISHED_HU", "RSNA_LABELS", "SUBTYPES", "SUBTYPE_CODES", "LABEL_PRIORITY",
     "Lesion", "LesionRequest", "PhantomStudy", "ScannerProfile", "StudyIdentity", "StudySummary",
     "generate_study", "generate_volume", "render_gallery", "tissue_stats", "tissue_table", "write_ct_nifti",
     "write_dicom_series", "write_mask_nifti", "write_rsna_labels", "write_studies",

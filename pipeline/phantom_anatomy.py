@@ -598,6 +598,9 @@ class Fields:
     f_vent: F32
     d_e3: F32
     tex: F32
+    # Weight of CSF in each voxel's final HU (the derivative of the painted HU by the CSF HU),
+    # after everything painted over it (dura, sinus, bone, calcifications); None until painted.
+    w_csf: F32 | None = None
 
 
 @dataclass(eq=False)
@@ -617,6 +620,9 @@ class Painter:
 
     def __init__(self, shape: tuple[int, int, int], air: float, tissue: bool) -> None:
         self.v = np.full(shape, air, dtype=np.float32)
+        # The CSF share of each voxel: blood that displaces CSF (subarachnoid, intraventricular)
+        # changes a voxel by this share times (blood - CSF) HU.
+        self.w_csf = np.zeros(shape, dtype=np.float32)
         self.cls: npt.NDArray[np.uint8] | None = np.zeros(shape, np.uint8) if tissue else None
         self.pure: npt.NDArray[np.bool_] | None = np.ones(shape, bool) if tissue else None
 
@@ -624,6 +630,7 @@ class Painter:
         """Paint material ``target`` (HU) of class ``cls`` with fraction ``f`` on region ``sl``."""
         region = (slice(None),) * 3 if sl is None else sl
         lerp_into(self.v[region], target, f)
+        lerp_into(self.w_csf[region], np.float32(1.0 if cls == T_CSF else 0.0), f)
         if self.cls is not None and self.pure is not None:
             self.cls[region][f >= 0.5] = cls
             self.pure[region] &= ~((f > 0.03) & (f < 0.97))
@@ -906,6 +913,8 @@ def render(m: HeadModel, blk: Block, want_hu: bool = True, tissue: bool = False)
             pt.paint(calc.hu, ramp(de, wi), T_CALC, sl)
     sl_h = blk.rel(hb)
     canvas[sl_h] = pt.v
+    if fields is not None:
+        fields.w_csf = pt.w_csf[sl_b].copy()
     if classes is not None:
         classes[sl_h] = pt.classes()
     return Rendered(blk, bb, fields, canvas, classes)

@@ -15,6 +15,9 @@ Shapes (template millimetres, scaled by ``s``):
 * subdural: a crescent between the inner table and the brain whose thickness tapers
   from the centre (``T (1 - q)``), along the convexity, the falx or the tentorium.
 * subarachnoid: the subarachnoid CSF (sulci, fissures, basal cisterns) inside a region.
+  Blood in a CSF space (subarachnoid, intraventricular) replaces the CSF share of each
+  voxel and nothing else; a voxel is labelled where that share is at least half, so the
+  falx, sinus, bone and calcifications painted over the CSF are never labelled as blood.
 * intraparenchymal: an irregular ellipsoid in the parenchyma (ventricles excluded) with
   a hypodense oedema rim that is not labelled.
 * intraventricular: blood that layers dependently (largest patient y: the patient lies
@@ -51,6 +54,8 @@ LOGGER = logging.getLogger(__name__)
 SUBTYPES: tuple[str, ...] = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural")
 SUBTYPE_CODES: Mapping[str, int] = MappingProxyType({name: i + 1 for i, name in enumerate(SUBTYPES)})
 # Painting order, lowest priority first: where painted regions overlap, the later one wins.
+# Shapes of blood that fills a CSF space and displaces only the CSF there.
+CSF_KINDS: frozenset[str] = frozenset({"sah", "cast", "layer"})
 PAINT_ORDER: tuple[str, ...] = ("subarachnoid", "intraparenchymal", "intraventricular", "subdural", "epidural")
 # Log-uniform volume ranges (mL) used when a size is not requested.
 DEFAULT_ML: Mapping[str, tuple[float, float]] = MappingProxyType({
@@ -354,12 +359,12 @@ def lesion_field(m: HeadModel, les: LesionModel, blk: Block, f: Fields) -> Lesio
             ok = f.d_cav < 0
             factor = f.f_cav
         elif les.kind == "sah":
-            ok = f.f_sas >= 0.5
-            factor = f.f_sas
+            factor = csf_share(f, f.f_sas)
+            ok = factor >= 0.5
             kappa = None
         else:
-            ok = f.d_vent < 0
-            factor = f.f_vent
+            factor = csf_share(f, f.f_vent)
+            ok = (f.d_vent < 0) & (factor >= 0.5)
             kappa = None
         return LesionField(h, ok, factor.astype(np.float32), kappa)
     if les.kind == "crescent":
@@ -393,6 +398,30 @@ def lesion_field(m: HeadModel, les: LesionModel, blk: Block, f: Fields) -> Lesio
     h, kappa = _crescent_h(delta, q0, les.t0, 1.0 / (30.0 if les.kind == "tent" else 28.0))
     h = np.where(ok, h, inf).astype(np.float32)
     return LesionField(h, ok, f.f_cav, kappa)
+
+
+def csf_share(f: Fields, part: F32) -> F32:
+    """The share of each voxel held by the CSF of one space (``part``: the subarachnoid or the
+    ventricular fraction): the painted CSF weight split between the two spaces. Blood in that
+    space replaces this share; a voxel is labelled when the share is at least half (so dura,
+    falx, sinus, bone and calcifications painted over the CSF are never labelled as blood)."""
+    assert f.w_csf is not None, "the anatomy was rendered without its HU canvas"
+    total = f.f_sas + f.f_vent
+    share = np.where(total > np.float32(1e-4), part / np.maximum(total, np.float32(1e-4)), np.float32(0.0))
+    return (share * f.w_csf).astype(np.float32)
+
+
+# Mean HU above which the rest of a voxel (what is not CSF) counts as bone or calcification.
+_DENSE_REST_HU = 100.0
+
+
+def _soft_rest(clean: F32, share: F32, csf_hu: float) -> npt.NDArray[np.bool_]:
+    """Voxels whose part outside the CSF ``share`` is soft tissue (mean HU below
+    ``_DENSE_REST_HU``; ``clean`` is the HU before blood, streaks and noise). Blood that fills
+    half a voxel next to bone (a 5 mm slab under the vertex) or a calcification reads as
+    bone, so it is painted but not labelled."""
+    rest = clean - share * np.float32(csf_hu)
+    return np.asarray(rest <= (np.float32(1.0) - share) * np.float32(_DENSE_REST_HU))
 
 
 def _crescent_h(delta: F32, q0: F32, t0: float, inv_r: float) -> tuple[F32, F32]:
@@ -461,7 +490,8 @@ def _clamped(m: HeadModel, les: LesionModel, vals: F32) -> LesionModel:
 def _slice_fields(f: Fields, sl: tuple[slice, slice, slice]) -> Fields:
     return Fields(u=(f.u[0][sl], f.u[1][sl], f.u[2][sl]), d_cav=f.d_cav[sl], w=f.w[sl], f_cav=f.f_cav[sl],
                   f_brain=f.f_brain[sl], depth=f.depth[sl], f_par=f.f_par[sl], f_sas=f.f_sas[sl],
-                  d_vent=f.d_vent[sl], f_vent=f.f_vent[sl], d_e3=f.d_e3[sl], tex=f.tex[sl])
+                  d_vent=f.d_vent[sl], f_vent=f.f_vent[sl], d_e3=f.d_e3[sl], tex=f.tex[sl],
+                  w_csf=None if f.w_csf is None else f.w_csf[sl])
 
 
 def _unit_volume_ml(les: LesionModel) -> float:
@@ -528,14 +558,19 @@ class Collector:
         sb, sl = loc
         f = _slice_fields(rd.fields, sl)
         kappa: F32 | None
+        full = rd.block.rel(sb)
         if les.kind == "layer":
-            h, ok, factor = _layer_h(sb), f.d_vent < 0, f.f_vent
+            factor = csf_share(f, f.f_vent)
+            h, ok = _layer_h(sb), (f.d_vent < 0) & (factor >= 0.5)
+            ok &= _soft_rest(rd.hu[full], factor, self.m.hu.csf)
             kappa = np.full(sb.shape, 1.0, np.float32)
             keep = ok | (factor > 0)
             w = np.full(sb.shape, g.spacing[1], np.float32)
         else:
             lf = lesion_field(self.m, les, sb, f)
             h, ok, factor, kappa = lf.h, lf.ok, lf.factor, lf.kappa
+            if les.kind in CSF_KINDS:
+                ok = ok & _soft_rest(rd.hu[full], factor, self.m.hu.csf)
             if kappa is None:
                 keep = ok & (h <= np.float32(self.s_box[i]))
             else:
@@ -546,7 +581,6 @@ class Collector:
         if kk.size == 0:
             return
         idx = ((kk + sb.k0).astype(np.int64) * ny + (jj + sb.j0)) * nx + (ii + sb.i0)
-        full = rd.block.rel(sb)
         fine = self.m.fine.on(sb)[keep] if les.swirl else None
         self.parts[i].append(_Cand(idx, h[keep], ok[keep], factor[keep], None if kappa is None else kappa[keep],
                                    w[keep], f.tex[keep], f.f_par[keep], rd.hu[full][keep], fine))
@@ -628,7 +662,11 @@ class Collector:
             value = np.float32(les.hu) + np.float32(2.0) * c.tex
             if les.swirl and c.fine is not None:
                 value = value - np.float32(22.0) * ramp(np.float32(0.9) - c.fine, np.float32(0.4))
-            value -= np.clip(cur, np.float32(-20.0), np.float32(60.0))
+            if les.kind in CSF_KINDS:
+                # Blood displaces the CSF share (frac) of the voxel and nothing else.
+                value -= np.float32(self.m.hu.csf)
+            else:
+                value -= np.clip(cur, np.float32(-20.0), np.float32(60.0))
             value *= frac
             cur += value
             value_now[pos] = cur

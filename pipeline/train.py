@@ -232,8 +232,10 @@ def _cache_file(opts: TrainOptions) -> Path | None:
     """Where prepared phantom data of these options is kept (None: no cache)."""
     if opts.cache is None:
         return None
+    from pipeline.phantom import PHANTOM_VERSION
+
     key = json.dumps([opts.seed, opts.n_train, opts.n_val, opts.matrix, opts.size,
-                      opts.phantom_options], sort_keys=True, default=str)
+                      opts.phantom_options, PHANTOM_VERSION], sort_keys=True, default=str)
     return Path(opts.cache) / f"phantom-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
 
 

@@ -28,7 +28,9 @@ SIZES_ML = {
     "epidural": (0.1, 5.0, 80.0),
     "intraparenchymal": (0.1, 5.0, 80.0),
     "intraventricular": (0.1, 2.0, 12.0),
-    "subarachnoid": (0.1, 5.0, 25.0),
+    # At 128 px (1.8 mm pixels) few sulcal voxels are at least half CSF: a convexity region
+    # holds about 20 mL of labelled subarachnoid space (25 mL fits from 256 px).
+    "subarachnoid": (0.1, 5.0, 15.0),
     "subdural": (0.1, 5.0, 80.0),
 }
 
@@ -74,6 +76,19 @@ def test_labels_cover_the_painted_blood(all_subtypes: P.PhantomStudy) -> None:
             # Acute blood is 50-90 HU; the core (away from partial volume) must read as blood.
             assert 45.0 < float(np.median(st.hu[core])) < 95.0, les
     assert np.all((st.labels > 0) == (st.lesion_ids > 0))
+
+
+def test_blood_in_csf_spaces_is_labelled_only_where_it_shows() -> None:
+    # Same seed with and without the bleeds: anatomy, scanner and noise are identical, so the
+    # difference is the blood alone. A labelled voxel is at least half blood that replaced CSF
+    # (+20 HU or more) and was not bone or a calcification before (it reads as blood).
+    pos = _small(31, ["subarachnoid:6", "intraventricular:3"], slices=30)
+    neg = _small(31, [], slices=30)
+    lab = (pos.labels == P.SUBTYPE_CODES["subarachnoid"]) | (pos.labels == P.SUBTYPE_CODES["intraventricular"])
+    assert lab.sum() > 100
+    delta = pos.hu.astype(np.float64) - neg.hu
+    assert float(delta[lab].min()) >= 15.0
+    assert float(np.percentile(pos.hu[lab], 99)) < 110.0
 
 
 @pytest.mark.parametrize("subtype", P.SUBTYPES)
