@@ -44,8 +44,13 @@ import SimpleITK as sitk
 import torch
 
 from pipeline.errors import InferenceError
-from pipeline.findings import LABELS, SUBTYPES, Findings, LabelFinding, ModelIdentity
-from pipeline.lesions import find_lesions, one_extra_axial_subtype, voxel_volume_ml
+from pipeline.findings import LABELS, SUBTYPE_CODE, SUBTYPES, Findings, LabelFinding, ModelIdentity
+from pipeline.lesions import (
+    find_lesions,
+    largest_components,
+    one_extra_axial_subtype,
+    voxel_volume_ml,
+)
 from pipeline.models.classifier import ClassifierArch, SliceSeriesClassifier, build_classifier
 from pipeline.models.config import ModelsConfig
 from pipeline.models.fusion import Fusion, FusionInputs, check_fusion, read_fusion
@@ -293,11 +298,13 @@ def run_models(volume: Volume, models: Models, config: ModelsConfig) -> Findings
 
 def fusion_inputs(raw: RawOutputs, image: sitk.Image) -> FusionInputs:
     """What the fusion reads of network outputs on ``image``'s grid: series and highest
-    slice probabilities, segmented mL per subtype (argmax, before gate and size filter)."""
-    counts = np.bincount(raw.mask.ravel(), minlength=len(SUBTYPES) + 1)[1:len(SUBTYPES) + 1]
+    slice probabilities, and the mL of the largest connected region the segmenter marks
+    (argmax, before gate and size filter) per subtype and for all blood."""
+    per_code, anywhere = largest_components(raw.mask, [SUBTYPE_CODE[s] for s in SUBTYPES])
+    vox_ml = voxel_volume_ml(image)
     return FusionInputs(np.asarray(raw.series_probabilities, dtype=np.float64),
                         np.asarray(raw.slice_probabilities, dtype=np.float64).max(axis=0),
-                        counts.astype(np.float64) * voxel_volume_ml(image))
+                        per_code.astype(np.float64) * vox_ml, float(anywhere) * vox_ml)
 
 
 def series_probabilities(raw: RawOutputs, image: sitk.Image, models: Models) -> np.ndarray:

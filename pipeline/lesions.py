@@ -56,6 +56,23 @@ def one_extra_axial_subtype(mask: np.ndarray) -> np.ndarray:
     return out
 
 
+def largest_components(mask: np.ndarray, codes: list[int]) -> tuple[np.ndarray, int]:
+    """Voxels of the largest 26-connected component of each code in ``codes`` (same order),
+    and of the largest component of all marked voxels (any nonzero code)."""
+    def largest(binary: np.ndarray) -> int:
+        if not binary.any():
+            return 0
+        labels, n = ndimage.label(binary, structure=_STRUCTURE_26)
+        return int(np.bincount(labels.ravel(), minlength=n + 1)[1:].max())
+
+    marked = mask != 0
+    if not marked.any():
+        return np.zeros(len(codes), dtype=np.int64), 0
+    box = ndimage.find_objects(marked.astype(np.uint8))[0]
+    sub = mask[box]
+    return np.array([largest(sub == c) for c in codes], dtype=np.int64), largest(marked[box])
+
+
 def find_lesions(mask: np.ndarray, image: sitk.Image, min_volume_ml: float = 0.05
                  ) -> tuple[list[Lesion], np.ndarray]:
     """Lesions of a (z, y, x) uint8 subtype map on the grid of ``image``.

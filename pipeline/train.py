@@ -67,7 +67,7 @@ from pipeline.models.weights import ModelKind, WeightsMeta, load_weights, save_w
 LOGGER = logging.getLogger(__name__)
 
 Kind = Literal["classifier", "segmenter"]
-MODEL_VERSION = "0.2.0"
+MODEL_VERSION = "0.3.0"
 
 
 class TrainingError(PipelineError):

@@ -7,22 +7,21 @@ the classifier's 0.955). A fusion file combines, per label, four numbers of one 
 into one probability::
 
     p = sigmoid(w . [logit(series probability), logit(highest slice probability),
-                     log(1 + segmented mL of the label), log(1 + segmented mL of all blood)] + b)
+                     log(1 + mL of the label's largest region),
+                     log(1 + mL of the largest region of any blood)] + b)
 
-("any" uses all blood for both volumes). The volumes are the segmenter's argmax before
-the mask gate and the lesion-size filter. Weights ``w``, ``b`` and the operating points of
+("any" uses any blood for both volumes). A region is a 26-connected component of the
+segmenter's argmax before the mask gate and the lesion-size filter: only its largest
+counts, so scattered false specks add little (summing every marked voxel, as fusion
+0.1.0 did, let a coarse 128-px negative study reach about 10 mL and a fused "any" of
+0.53). Weights ``w``, ``b`` and the operating points of
 the fused probability are fitted on validation series by :func:`fit_fusion` (L2-penalised
 logistic regression, Newton steps, weights kept >= 0; operating points by Youden's
 index), for one pair of
 weights files: the file names their sha256 and :func:`check_fusion` refuses any other
 pair, because the coefficients mean nothing for other networks.
 
-Known weakness: the volumes count every voxel the segmenter marks, so its false specks
-on inputs unlike the fitting series (a coarse 128-px negative study gave about 10 mL)
-can push a fused probability over its operating point; the shipped file is therefore
-opt-in (MODEL_CARD.md).
-
-The file is JSON (``pipeline/weights/fusion-0.1.0.json`` for the shipped demo weights, opt-in)::
+The file is JSON (``pipeline/weights/fusion-0.2.0.json`` for the shipped demo weights, opt-in)::
 
     {"format": 1, "kind": "fusion", "name", "version", "demo", "classifier_sha256",
      "segmenter_sha256", "features", "coefficients": {label: [w1, w2, w3, w4, b]},
@@ -44,7 +43,8 @@ from pipeline.errors import InferenceError
 from pipeline.findings import LABELS
 
 FORMAT_VERSION = 1
-FEATURES: tuple[str, ...] = ("series_logit", "slice_max_logit", "log1p_label_ml", "log1p_all_ml")
+FEATURES: tuple[str, ...] = ("series_logit", "slice_max_logit", "log1p_label_largest_ml",
+                              "log1p_any_largest_ml")
 _EPS = 1e-4
 
 
@@ -59,7 +59,8 @@ class FusionInputs:
 
     series_probabilities: np.ndarray  # (6,)
     slice_max: np.ndarray  # (6,) highest slice probability per label
-    segmented_ml: np.ndarray  # (5,) segmenter argmax volume per subtype, before any gate
+    largest_ml: np.ndarray  # (5,) mL of the largest segmented region per subtype, before any gate
+    any_largest_ml: float  # mL of the largest region of any segmented blood
 
     def features(self) -> np.ndarray:
         """(6, 4) features, one row per label in LABELS order (see the module docstring)."""
@@ -67,14 +68,13 @@ class FusionInputs:
             q = np.clip(np.asarray(p, dtype=np.float64), _EPS, 1 - _EPS)
             return np.log(q / (1 - q))
 
-        ml = np.asarray(self.segmented_ml, dtype=np.float64)
-        total = float(ml.sum())
-        label_ml = np.concatenate([[total], ml])
+        whole = max(float(self.any_largest_ml), 0.0)
+        label_ml = np.concatenate([[whole], np.asarray(self.largest_ml, dtype=np.float64)])
         out = np.empty((len(LABELS), len(FEATURES)))
         out[:, 0] = logit(self.series_probabilities)
         out[:, 1] = logit(self.slice_max)
         out[:, 2] = np.log1p(np.maximum(label_ml, 0.0))
-        out[:, 3] = math.log1p(max(total, 0.0))
+        out[:, 3] = math.log1p(whole)
         return out
 
 

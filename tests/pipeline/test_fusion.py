@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 
 from pipeline.errors import InferenceError
 from pipeline.evaluate import fuse
-from pipeline.findings import LABELS
-from pipeline.inference import fusion_inputs, load_models, predict, run_models
+from pipeline.findings import LABELS, SUBTYPE_CODE
+from pipeline.inference import RawOutputs, fusion_inputs, load_models, predict, run_models
 from pipeline.models.fusion import (
     FEATURES,
     Fusion,
@@ -30,18 +31,41 @@ from tests.pipeline.test_models import toy_study
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _inputs(p: float, slice_max: float, ml: list[float]) -> FusionInputs:
-    return FusionInputs(np.full(6, p), np.full(6, slice_max), np.asarray(ml, dtype=float))
+def _inputs(p: float, slice_max: float, ml: list[float], any_ml: float | None = None) -> FusionInputs:
+    """Fusion inputs whose largest region of any blood is ``any_ml`` (default: the largest
+    subtype region, as when the subtypes' regions do not touch)."""
+    return FusionInputs(np.full(6, p), np.full(6, slice_max), np.asarray(ml, dtype=float),
+                        max(ml) if any_ml is None else any_ml)
 
 
 def test_features_per_label() -> None:
-    x = _inputs(0.5, 0.9, [0.0, 2.0, 0.0, 0.0, 1.0]).features()
+    x = _inputs(0.5, 0.9, [0.0, 2.0, 0.0, 0.0, 1.0], any_ml=3.0).features()
     assert x.shape == (len(LABELS), len(FEATURES))
     np.testing.assert_allclose(x[:, 0], 0.0, atol=1e-9)  # logit(0.5)
     np.testing.assert_allclose(x[:, 1], np.log(9.0), rtol=1e-6)
-    # 'any' takes all blood (3 mL), each subtype its own volume; the last column is all blood.
+    # 'any' takes the largest region of any blood (3 mL), each subtype its own largest region;
+    # the last column is the largest region of any blood.
     np.testing.assert_allclose(x[:, 2], np.log1p([3.0, 0.0, 2.0, 0.0, 0.0, 1.0]))
     np.testing.assert_allclose(x[:, 3], np.log1p(3.0))
+
+
+def test_fusion_reads_the_largest_region_not_the_specks() -> None:
+    # One 4x4x4 intraparenchymal region (64 voxels) touching a 2x4x4 subdural one, plus 40
+    # single-voxel subarachnoid specks: the largest regions are 64, 32 and 1 voxels, and the
+    # largest region of any blood is the touching pair (96 voxels).
+    mask = np.zeros((20, 40, 40), np.uint8)
+    mask[2:6, 2:6, 2:6] = SUBTYPE_CODE["intraparenchymal"]
+    mask[6:8, 2:6, 2:6] = SUBTYPE_CODE["subdural"]
+    for k in range(40):
+        mask[10 + (k % 2) * 5, 2 * (k % 20), 30 + 4 * (k // 20)] = SUBTYPE_CODE["subarachnoid"]
+    image = sitk.GetImageFromArray(mask.astype(np.float32))
+    image.SetSpacing((0.5, 0.5, 2.0))  # 0.5 uL per voxel
+    raw = RawOutputs(np.full((20, 6), 0.1, np.float32), np.full(6, 0.2, np.float32), mask, {})
+    got = fusion_inputs(raw, image)
+    vox = 0.5 * 0.5 * 2.0 / 1000.0
+    np.testing.assert_allclose(got.largest_ml, np.array([0, 64, 0, 1, 32]) * vox)
+    assert got.any_largest_ml == pytest.approx(96 * vox)
+    np.testing.assert_allclose(got.slice_max, 0.1, rtol=1e-6)
 
 
 def test_logistic_fit_separates_and_keeps_weights_nonnegative() -> None:
@@ -161,6 +185,6 @@ def test_the_shipped_fusion_fits_the_shipped_weights_and_is_off_by_default() -> 
     from pipeline.models.config import ModelsConfig
 
     assert load_models(ModelsConfig(device="cpu")).fusion is None
-    fused = load_models(ModelsConfig(device="cpu", fusion=Path("fusion-0.1.0.json")))
+    fused = load_models(ModelsConfig(device="cpu", fusion=Path("fusion-0.2.0.json")))
     assert fused.fusion is not None and fused.fusion.name == "ich-demo-fusion"
     assert fused.thresholds == fused.fusion.operating_points
