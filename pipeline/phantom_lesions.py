@@ -53,9 +53,9 @@ LOGGER = logging.getLogger(__name__)
 
 SUBTYPES: tuple[str, ...] = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural")
 SUBTYPE_CODES: Mapping[str, int] = MappingProxyType({name: i + 1 for i, name in enumerate(SUBTYPES)})
-# Painting order, lowest priority first: where painted regions overlap, the later one wins.
 # Shapes of blood that fills a CSF space and displaces only the CSF there.
 CSF_KINDS: frozenset[str] = frozenset({"sah", "cast", "layer"})
+# Painting order, lowest priority first: where painted regions overlap, the later one wins.
 PAINT_ORDER: tuple[str, ...] = ("subarachnoid", "intraparenchymal", "intraventricular", "subdural", "epidural")
 # Log-uniform volume ranges (mL) used when a size is not requested.
 DEFAULT_ML: Mapping[str, tuple[float, float]] = MappingProxyType({
@@ -363,8 +363,7 @@ def lesion_field(m: HeadModel, les: LesionModel, blk: Block, f: Fields) -> Lesio
             ok = factor >= 0.5
             kappa = None
         else:
-            factor = csf_share(f, f.f_vent)
-            ok = (f.d_vent < 0) & (factor >= 0.5)
+            factor, ok = _ventricle_blood(f)
             kappa = None
         return LesionField(h, ok, factor.astype(np.float32), kappa)
     if les.kind == "crescent":
@@ -409,6 +408,13 @@ def csf_share(f: Fields, part: F32) -> F32:
     total = f.f_sas + f.f_vent
     share = np.where(total > np.float32(1e-4), part / np.maximum(total, np.float32(1e-4)), np.float32(0.0))
     return (share * f.w_csf).astype(np.float32)
+
+
+def _ventricle_blood(f: Fields) -> tuple[F32, npt.NDArray[np.bool_]]:
+    """Intraventricular blood (cast or layer): the ventricular CSF share it replaces, and
+    where it may be labelled (centre in a ventricle, share at least half)."""
+    factor = csf_share(f, f.f_vent)
+    return factor, (f.d_vent < 0) & (factor >= 0.5)
 
 
 # Mean HU above which the rest of a voxel (what is not CSF) counts as bone or calcification.
@@ -560,23 +566,21 @@ class Collector:
         kappa: F32 | None
         full = rd.block.rel(sb)
         if les.kind == "layer":
-            factor = csf_share(f, f.f_vent)
-            h, ok = _layer_h(sb), (f.d_vent < 0) & (factor >= 0.5)
-            ok &= _soft_rest(rd.hu[full], factor, self.m.hu.csf)
-            kappa = np.full(sb.shape, 1.0, np.float32)
-            keep = ok | (factor > 0)
-            w = np.full(sb.shape, g.spacing[1], np.float32)
+            factor, ok = _ventricle_blood(f)
+            h, kappa = _layer_h(sb), np.full(sb.shape, 1.0, np.float32)
         else:
             lf = lesion_field(self.m, les, sb, f)
             h, ok, factor, kappa = lf.h, lf.ok, lf.factor, lf.kappa
-            if les.kind in CSF_KINDS:
-                ok = ok & _soft_rest(rd.hu[full], factor, self.m.hu.csf)
-            if kappa is None:
-                keep = ok & (h <= np.float32(self.s_box[i]))
-            else:
-                reach = (np.float32(les.oedema_mm) + f.w) / kappa
-                keep = (h <= np.float32(self.s_box[i]) + reach) & (factor > 0)
-            w = f.w
+        if les.kind in CSF_KINDS:
+            ok = ok & _soft_rest(rd.hu[full], factor, self.m.hu.csf)
+        if les.kind == "layer":
+            keep = ok | (factor > 0)
+        elif kappa is None:
+            keep = ok & (h <= np.float32(self.s_box[i]))
+        else:
+            reach = (np.float32(les.oedema_mm) + f.w) / kappa
+            keep = (h <= np.float32(self.s_box[i]) + reach) & (factor > 0)
+        w = np.full(sb.shape, g.spacing[1], np.float32) if les.kind == "layer" else f.w
         kk, jj, ii = np.nonzero(keep)
         if kk.size == 0:
             return
