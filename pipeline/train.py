@@ -36,7 +36,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -62,12 +62,12 @@ from pipeline.models.inputs import (
     windows_on_grid,
 )
 from pipeline.models.segmenter import N_CLASSES, Segmenter, SegmenterArch, build_segmenter
-from pipeline.models.weights import ModelKind, WeightsMeta, load_weights, save_weights
+from pipeline.models.weights import ModelKind, WeightsMeta, load_weights, read_meta, save_weights
 
 LOGGER = logging.getLogger(__name__)
 
 Kind = Literal["classifier", "segmenter"]
-MODEL_VERSION = "0.3.0"
+MODEL_VERSION = "0.4.0"
 
 
 class TrainingError(PipelineError):
@@ -148,21 +148,45 @@ def new_network(kind: ModelKind, size: int, neighbours: int, tile: int = 0
     return build_segmenter(s_arch), spec, s_arch.to_dict()
 
 
+def network_for(kind: ModelKind, arch: dict[str, Any]) -> nn.Module:
+    """The network of ``kind`` built from a stored architecture (weights or checkpoint)."""
+    if kind == "classifier":
+        return build_classifier(ClassifierArch.from_dict(arch))
+    return build_segmenter(SegmenterArch.from_dict(arch))
+
+
 def init_from(net: nn.Module, spec: InputSpec, arch: dict[str, Any], kind: ModelKind,
-              path: Path) -> None:
+              path: Path) -> tuple[nn.Module, dict[str, Any]]:
     """Load the state of weights file ``path`` into ``net`` (fine-tuning): its sha256, kind
     and input spec are checked as at inference, and its architecture must be ``arch``;
-    TrainingError otherwise."""
+    TrainingError otherwise. Returns the network and architecture to train.
+
+    One exception: a classifier may start from weights trained at another input size. Its
+    encoder is convolutional up to a global pooling, so the same weights run at any size;
+    the run then keeps the architecture of the start (not the default for the new size)
+    and fine-tunes it at the new size, which is how a larger input is reached without
+    training from scratch.
+    """
     try:
-        state, meta = load_weights(path, spec, kind)
+        expected = spec
+        if kind == "classifier":
+            stored = read_meta(path).spec
+            if stored.size != spec.size:
+                expected = replace(spec, size=stored.size)
+        state, meta = load_weights(path, expected, kind)
     except InferenceError as exc:
         raise TrainingError(f"--init: {exc}") from exc
+    if expected is not spec:
+        LOGGER.warning("--init: %s was trained at %d px; fine-tuning it at %d px with its "
+                       "own architecture", path, expected.size, spec.size)
+        net, arch = network_for(kind, meta.architecture), dict(meta.architecture)
     if meta.architecture != arch:
         raise TrainingError(f"--init: {path} holds architecture {meta.architecture}, this run "
                             f"builds {arch}")
     net.load_state_dict(state)
     LOGGER.info("starting from %s %s %s (sha256 %s)", path, meta.name, meta.version,
                 meta.sha256[:12])
+    return net, arch
 
 
 # --------------------------------------------------------------------------- data
@@ -616,8 +640,14 @@ def run_training(opts: TrainOptions, out: Path, resume: bool = False,
     last_path, best_path = out / "last.pt", out / "best.pt"
     resuming = resume and last_path.is_file()
     net, spec, arch = new_network(opts.kind, opts.size, opts.neighbours, opts.tile)
-    if opts.init and not resuming:
-        init_from(net, spec, arch, opts.kind, Path(opts.init))
+    ckpt: dict[str, Any] | None = None
+    if resuming:
+        ckpt = torch.load(last_path, map_location="cpu", weights_only=False)
+        if ckpt.get("architecture", arch) != arch:  # fine-tuned from another size's weights
+            arch = dict(ckpt["architecture"])
+            net = network_for(opts.kind, arch)
+    elif opts.init:
+        net, arch = init_from(net, spec, arch, opts.kind, Path(opts.init))
     net.to(dev)
     train_set, val_set = data if data is not None else load_data(opts)
     if opts.kind == "segmenter":
@@ -648,8 +678,7 @@ def run_training(opts: TrainOptions, out: Path, resume: bool = False,
 
     first_epoch, best_score, best_epoch, global_step = 0, -math.inf, -1, 0
     history: list[dict[str, Any]] = []
-    if resuming:
-        ckpt = torch.load(last_path, map_location=dev, weights_only=False)
+    if ckpt is not None:
         saved = ckpt.get("options", {})
         for key in ("kind", "size", "neighbours", "crop"):
             if saved.get(key, 0) != getattr(opts, key):

@@ -19,8 +19,9 @@ from pipeline.evaluate import (
     weighted_log_loss,
 )
 from pipeline.findings import SUBTYPES
+from pipeline.models.classifier import ClassifierArch
 from pipeline.models.inputs import classifier_spec, segmenter_spec
-from pipeline.models.weights import load_weights
+from pipeline.models.weights import load_weights, read_meta
 from pipeline.train import (
     Prepared,
     TrainingError,
@@ -101,9 +102,36 @@ def test_training_starts_from_given_weights(tmp_path: Path) -> None:
                   seed=5, size=32, seq_len=8, steps_per_epoch=2, studies=studies, device="cpu")
     other, _ = load_weights(fresh.best, classifier_spec(32, 1), "classifier")
     assert not all(torch.allclose(start[k], other[k], atol=1e-6) for k in weights)
-    with pytest.raises(TrainingError, match=r"--init: .*size: 64 vs 32|--init: .*size"):
-        train("classifier", None, "phantom", tmp_path / "d", epochs=1, size=64,
-              studies=studies, device="cpu", init=first.best)
+    seg = train("segmenter", None, "phantom", tmp_path / "s", epochs=1, batch=4, size=32,
+                steps_per_epoch=1, studies=studies, device="cpu")
+    with pytest.raises(TrainingError, match=r"--init: .*size: 32 vs 64"):
+        train("segmenter", None, "phantom", tmp_path / "t", epochs=1, size=64,
+              studies=studies, device="cpu", init=seg.best)
+
+
+def test_classifier_fine_tunes_at_another_size_with_its_own_architecture(
+        tmp_path: Path) -> None:
+    """A classifier started from weights of another input size keeps the start's network
+    (not the default one for the new size), runs it on the larger slices, and resumes as
+    that network; the weights it writes are checked against the new size."""
+    studies = toy_set(6, seed=4)
+    small = train("classifier", None, "phantom", tmp_path / "a", epochs=1, batch=3, lr=3e-3,
+                  seed=0, size=128, seq_len=4, steps_per_epoch=2, studies=studies,
+                  device="cpu")
+    start, start_meta = load_weights(small.best, classifier_spec(128, 1), "classifier")
+    big = train("classifier", None, "phantom", tmp_path / "b", epochs=1, batch=3, lr=1e-12,
+                seed=5, size=256, seq_len=4, steps_per_epoch=2, studies=studies,
+                device="cpu", init=small.best)
+    end, meta = load_weights(big.best, classifier_spec(256, 1), "classifier")
+    assert meta.architecture == start_meta.architecture
+    assert meta.architecture["widths"] != ClassifierArch.for_size(256, 5).to_dict()["widths"]
+    weights = [k for k in start if start[k].is_floating_point() and "running" not in k]
+    assert all(torch.allclose(start[k], end[k], atol=1e-6) for k in weights)
+    more = train("classifier", None, "phantom", tmp_path / "b", epochs=2, batch=3, lr=1e-3,
+                 seed=5, size=256, seq_len=4, steps_per_epoch=2, studies=studies,
+                 device="cpu", init=small.best, resume=True)
+    assert more.epochs_run == 2
+    assert read_meta(more.last.with_name("best.pt")).architecture == start_meta.architecture
 
 
 def test_segmenter_overfits(tmp_path: Path) -> None:
