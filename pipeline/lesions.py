@@ -30,6 +30,15 @@ def voxel_volume_ml(image: sitk.Image) -> float:
     return float(sx * sy * sz) / 1000.0
 
 
+def _box(marked: np.ndarray) -> tuple[slice, ...]:
+    """Bounding box of the True voxels of ``marked`` (at least one): the work on a mask is
+    done inside it, since most of a head CT is unmarked."""
+    box = ndimage.find_objects(marked.view(np.uint8) if marked.dtype == bool
+                               else marked.astype(np.uint8))[0]
+    assert box is not None
+    return tuple(box)
+
+
 def one_extra_axial_subtype(mask: np.ndarray) -> np.ndarray:
     """``mask`` with every connected collection of epidural and subdural voxels given the
     one of the two codes that most of its voxels carry (ties: epidural).
@@ -44,7 +53,7 @@ def one_extra_axial_subtype(mask: np.ndarray) -> np.ndarray:
     extra = (mask == epi) | (mask == sub)
     if not extra.any():
         return mask
-    box = ndimage.find_objects(extra.astype(np.uint8))[0]  # label within the bounding box
+    box = _box(extra)
     part, inside = mask[box], extra[box]
     labels, n = ndimage.label(inside, structure=_STRUCTURE_26)
     flat = labels.ravel()
@@ -68,7 +77,7 @@ def largest_components(mask: np.ndarray, codes: list[int]) -> tuple[np.ndarray, 
     marked = mask != 0
     if not marked.any():
         return np.zeros(len(codes), dtype=np.int64), 0
-    box = ndimage.find_objects(marked.astype(np.uint8))[0]
+    box = _box(marked)
     sub = mask[box]
     return np.array([largest(sub == c) for c in codes], dtype=np.int64), largest(marked[box])
 
@@ -98,10 +107,7 @@ def find_lesions(mask: np.ndarray, image: sitk.Image, min_volume_ml: float = 0.0
     lesions: list[Lesion] = []
     if not codes:
         return lesions, cleaned
-    # Work inside the bounding box of all marked voxels (most of a head CT is unmarked).
-    crop = tuple(slice(int(idx[0]), int(idx[-1]) + 1) for idx in (
-        np.flatnonzero(mask.any(axis=(1, 2))), np.flatnonzero(mask.any(axis=(0, 2))),
-        np.flatnonzero(mask.any(axis=(0, 1)))))
+    crop = _box(mask != 0)
     offset = (crop[0].start, crop[1].start, crop[2].start)
     sub = mask[crop]
     view = cleaned[crop]
