@@ -18,6 +18,12 @@ Decisions and mask, as written into :class:`~pipeline.findings.Findings`:
   the operating point (config, else the fusion file's, else the classifier metadata's).
   "any" is also positive when any subtype is (RSNA: any = OR of subtypes); the case is
   reported in ``warnings``.
+* Thin series: when the slice spacing is at most half of ``config.slab_mm``, groups of
+  floor(slab_mm / spacing) consecutive slices are averaged into slabs before both
+  networks (:func:`slab_factor`; thick-slab averaging, as a scanner reconstructs thick
+  slices from thin ones), since the networks were trained on thick slices: on 1 mm
+  phantom series the demo networks called every negative study positive. Each slice
+  gets its slab's probabilities and mask.
 * The mask is the segmenter's per-pixel argmax on the volume grid (logits resized back
   bilinearly from the model grid). With ``mask_gate='any_positive'`` (default) the mask
   and lesion table are emptied when the series is called negative; a
@@ -34,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -242,11 +249,35 @@ def argmax_channels(logits: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def slab_factor(spacing_z_mm: float, slab_mm: float) -> int:
+    """How many consecutive slices of ``spacing_z_mm`` to average into one slab of at most
+    ``slab_mm`` (1: use the slices as they are)."""
+    if slab_mm <= 0 or spacing_z_mm <= 0:
+        return 1
+    return max(1, math.floor(slab_mm / spacing_z_mm + 1e-6))
+
+
 def predict(hu: np.ndarray, models: Models, batch_size: int = 16,
-            segment: bool = True) -> RawOutputs:
-    """Probabilities and argmax mask for a (z, y, x) HU volume (no thresholds, no gate)."""
+            segment: bool = True, slab: int = 1) -> RawOutputs:
+    """Probabilities and argmax mask for a (z, y, x) HU volume (no thresholds, no gate).
+
+    ``slab`` > 1: the networks see the means of ``slab`` consecutive slices (the last
+    group may be shorter) and every slice gets its group's outputs (:func:`slab_factor`).
+    """
     if hu.ndim != 3 or hu.shape[0] < 1:
         raise InferenceError(f"expected a (z, y, x) HU volume, got shape {hu.shape}")
+    if slab > 1 and hu.shape[0] > 1:
+        t0 = time.perf_counter()
+        starts = np.arange(0, hu.shape[0], slab)
+        counts = np.diff(np.append(starts, hu.shape[0])).astype(np.float32)
+        thick = np.add.reduceat(hu.astype(np.float32, copy=False), starts, axis=0)
+        thick /= counts[:, None, None]
+        raw = predict(thick, models, batch_size, segment)
+        group = np.arange(hu.shape[0]) // slab
+        spent = dict(raw.timings_s)
+        spent["preprocess"] += time.perf_counter() - t0
+        return RawOutputs(raw.slice_probabilities[group], raw.series_probabilities,
+                          raw.mask[group], spent)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     c_spec, s_spec = models.classifier_meta.spec, models.segmenter_meta.spec
@@ -286,7 +317,12 @@ def predict(hu: np.ndarray, models: Models, batch_size: int = 16,
 def run_models(volume: Volume, models: Models, config: ModelsConfig) -> Findings:
     """Classify and segment ``volume``; see the module docstring for the decision rules."""
     t0 = time.perf_counter()
-    raw = predict(volume.hu, models, config.batch_size)
+    slab = slab_factor(volume.image.GetSpacing()[2], config.slab_mm)
+    if slab > 1:
+        LOGGER.info("series %s: %.2f mm slices averaged in groups of %d for the networks "
+                    "(models.slab_mm %g)", volume.series_uid, volume.image.GetSpacing()[2],
+                    slab, config.slab_mm)
+    raw = predict(volume.hu, models, config.batch_size, slab=slab)
     findings = decide(raw, volume.image, models, config)
     findings.timings_s["total"] = round(time.perf_counter() - t0, 4)
     LOGGER.info("series %s: any=%.3f (%s), %d lesion(s), %.2fs", volume.series_uid,
@@ -299,8 +335,10 @@ def run_models(volume: Volume, models: Models, config: ModelsConfig) -> Findings
 def fusion_inputs(raw: RawOutputs, image: sitk.Image) -> FusionInputs:
     """What the fusion reads of network outputs on ``image``'s grid: series and highest
     slice probabilities, and the mL of the largest connected region the segmenter marks
-    (argmax, before gate and size filter) per subtype and for all blood."""
-    per_code, anywhere = largest_components(raw.mask, [SUBTYPE_CODE[s] for s in SUBTYPES])
+    (argmax with each epidural/subdural collection given one subtype, before gate and size
+    filter) per subtype and for all blood."""
+    per_code, anywhere = largest_components(one_extra_axial_subtype(raw.mask),
+                                            [SUBTYPE_CODE[s] for s in SUBTYPES])
     vox_ml = voxel_volume_ml(image)
     return FusionInputs(np.asarray(raw.series_probabilities, dtype=np.float64),
                         np.asarray(raw.slice_probabilities, dtype=np.float64).max(axis=0),

@@ -95,6 +95,13 @@ class ModelsConfig(_Strict):
         default=OperatingPoints(),
         description="Per-label probability thresholds (0..1). Default: the operating points "
         "stored in the fusion file (or, without one, in the classifier's metadata).")
+    slab_mm: float = Field(
+        default=5.0, ge=0.0, le=20.0,
+        description="mm; thinner slices are averaged in groups of floor(slab_mm / spacing) "
+        "consecutive slices before both networks (a 1 mm series becomes 5 mm slabs), "
+        "because the networks were trained on slices of about this thickness (the demo "
+        "weights: 5 mm phantom slices); per-slice probabilities and the mask are mapped back to every "
+        "slice of the group. 0: never average. Default: 5.")
     batch_size: int = Field(
         default=16, ge=1, le=512,
         description="Slices per forward pass. Default: 16.")

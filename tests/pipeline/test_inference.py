@@ -7,11 +7,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 from pipeline.errors import InferenceError
 from pipeline.findings import LABELS, Findings
-from pipeline.inference import Models, load_models, predict, run_models, select_device
+from pipeline.inference import (
+    Models,
+    load_models,
+    predict,
+    run_models,
+    select_device,
+    slab_factor,
+)
 from pipeline.models.classifier import ClassifierArch, build_classifier
 from pipeline.models.config import ModelsConfig, OperatingPoints
 from pipeline.models.inputs import classifier_spec, segmenter_spec
@@ -103,6 +111,37 @@ def test_inference_is_deterministic(tiny: tuple[ModelsConfig, Models]) -> None:
     # Batching does not change the result beyond float rounding.
     other = predict(volume.hu, models, batch_size=7)
     np.testing.assert_allclose(first.slice_probabilities, other.slice_probabilities, atol=1e-5)
+
+
+def test_thin_slices_are_averaged_into_slabs_for_the_networks(
+        tiny: tuple[ModelsConfig, Models]) -> None:
+    """A 1 mm series is seen by the networks as 5 mm slabs (means of 5 slices; the last
+    group shorter), and every slice gets its slab's outputs; 5 mm series are untouched."""
+    config, models = tiny
+    assert [slab_factor(s, 5.0) for s in (0.625, 1.0, 1.25, 2.5, 3.0, 5.0, 7.0)] == \
+        [8, 5, 4, 2, 1, 1, 1]
+    assert slab_factor(1.0, 0.0) == 1
+    volume = toy_volume(seed=9, matrix=32, slices=12)
+    thick = np.stack([volume.hu[a:a + 5].mean(axis=0) for a in (0, 5, 10)])
+    whole = predict(thick, models, 3)
+    slabbed = predict(volume.hu, models, 3, slab=5)
+    group = np.array([0] * 5 + [1] * 5 + [2] * 2)
+    np.testing.assert_allclose(slabbed.slice_probabilities, whole.slice_probabilities[group],
+                               atol=1e-6)
+    np.testing.assert_allclose(slabbed.series_probabilities, whole.series_probabilities,
+                               atol=1e-6)
+    np.testing.assert_array_equal(slabbed.mask, whole.mask[group])
+    image = sitk.Image(volume.image)
+    image.SetSpacing((*volume.image.GetSpacing()[:2], 1.0))
+    thin = replace(volume, image=image)
+    findings = run_models(thin, models, config)
+    np.testing.assert_allclose(findings.slice_probabilities, slabbed.slice_probabilities,
+                               atol=1e-6)
+    off = config.model_copy(update={"slab_mm": 0.0})
+    plain = predict(volume.hu, models, 3)
+    np.testing.assert_allclose(run_models(thin, models, off).slice_probabilities,
+                               plain.slice_probabilities, atol=1e-6)
+    assert not np.allclose(plain.slice_probabilities, slabbed.slice_probabilities, atol=1e-4)
 
 
 def test_thresholds_and_mask_gate(tmp_path: Path, tiny: tuple[ModelsConfig, Models]) -> None:
