@@ -11,8 +11,11 @@ into one probability::
                      log(1 + mL of the largest region of any blood)] + b)
 
 ("any" uses any blood for both volumes). A region is a 26-connected component of the
-segmenter's argmax before the mask gate and the lesion-size filter: only its largest
-counts, so scattered false specks add little (summing every marked voxel, as fusion
+segmenter's argmax before the mask gate and the lesion-size filter, after each epidural or
+subdural collection got the one subtype most of its voxels carry
+(:func:`pipeline.lesions.one_extra_axial_subtype`, as in the lesion table; fusion 0.2.0
+read the argmax before that, so a subdural collection could count half as epidural).
+Only the largest region counts, so scattered false specks add little (summing every marked voxel, as fusion
 0.1.0 did, let a coarse 128-px negative study reach about 10 mL and a fused "any" of
 0.53). Weights ``w``, ``b`` and the operating points of
 the fused probability are fitted on validation series by :func:`fit_fusion` (L2-penalised

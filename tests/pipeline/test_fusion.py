@@ -66,6 +66,14 @@ def test_fusion_reads_the_largest_region_not_the_specks() -> None:
     np.testing.assert_allclose(got.largest_ml, np.array([0, 64, 0, 1, 32]) * vox)
     assert got.any_largest_ml == pytest.approx(96 * vox)
     np.testing.assert_allclose(got.slice_max, 0.1, rtol=1e-6)
+    # A convexity collection split 48 subdural / 16 epidural voxels by the argmax counts as
+    # one 64-voxel subdural region, as the lesion table reports it.
+    mask[:] = 0
+    mask[12:16, 20:24, 20:24] = SUBTYPE_CODE["subdural"]
+    mask[12:16, 20:24, 23] = SUBTYPE_CODE["epidural"]
+    got = fusion_inputs(RawOutputs(raw.slice_probabilities, raw.series_probabilities, mask,
+                                   {}), image)
+    np.testing.assert_allclose(got.largest_ml, np.array([0, 0, 0, 0, 64]) * vox)
 
 
 def test_logistic_fit_separates_and_keeps_weights_nonnegative() -> None:
@@ -181,10 +189,13 @@ def test_fuse_fits_on_studies_and_the_cli_refuses_one_class_data(tmp_path: Path)
     assert "ich-node fuse: the fitting series are all" in run.stderr
 
 
-def test_the_shipped_fusion_fits_the_shipped_weights_and_is_off_by_default() -> None:
+def test_the_shipped_fusion_fits_the_shipped_weights_and_is_on_by_default() -> None:
     from pipeline.models.config import ModelsConfig
 
-    assert load_models(ModelsConfig(device="cpu")).fusion is None
-    fused = load_models(ModelsConfig(device="cpu", fusion=Path("fusion-0.2.0.json")))
+    fused = load_models(ModelsConfig(device="cpu"))  # 'auto': pipeline/weights/fusion.json
     assert fused.fusion is not None and fused.fusion.name == "ich-demo-fusion"
     assert fused.thresholds == fused.fusion.operating_points
+    assert fused.identity.name.endswith("+ich-demo-fusion")
+    alone = load_models(ModelsConfig(device="cpu", fusion=None))
+    assert alone.fusion is None
+    assert alone.thresholds == {k: alone.classifier_meta.operating_points[k] for k in LABELS}
