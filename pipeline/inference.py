@@ -13,8 +13,8 @@ Decisions and mask, as written into :class:`~pipeline.findings.Findings`:
 * Series probabilities: with a fusion file (``config.fusion``: a named file, or
   ``fusion.json`` beside the classifier weights for 'auto'), the per-label logistic model
   of :mod:`pipeline.models.fusion` over the classifier's series and highest slice
-  probabilities and the segmenter's volumes; without one (the shipped default), the
-  classifier's attention pooling alone. A label is positive when its probability reaches
+  probabilities and the segmenter's volumes (the shipped default: ``fusion.json``);
+  without one, the classifier's attention pooling alone. A label is positive when its probability reaches
   the operating point (config, else the fusion file's, else the classifier metadata's).
   "any" is also positive when any subtype is (RSNA: any = OR of subtypes); the case is
   reported in ``warnings``.
@@ -268,16 +268,16 @@ def predict(hu: np.ndarray, models: Models, batch_size: int = 16,
         raise InferenceError(f"expected a (z, y, x) HU volume, got shape {hu.shape}")
     if slab > 1 and hu.shape[0] > 1:
         t0 = time.perf_counter()
-        starts = np.arange(0, hu.shape[0], slab)
-        counts = np.diff(np.append(starts, hu.shape[0])).astype(np.float32)
-        thick = np.add.reduceat(hu.astype(np.float32, copy=False), starts, axis=0)
-        thick /= counts[:, None, None]
+        thick = np.stack([hu[a:a + slab].mean(axis=0, dtype=np.float32)
+                          for a in range(0, hu.shape[0], slab)])
+        averaging = time.perf_counter() - t0
         raw = predict(thick, models, batch_size, segment)
+        t1 = time.perf_counter()
         group = np.arange(hu.shape[0]) // slab
-        spent = dict(raw.timings_s)
-        spent["preprocess"] += time.perf_counter() - t0
-        return RawOutputs(raw.slice_probabilities[group], raw.series_probabilities,
-                          raw.mask[group], spent)
+        out = RawOutputs(raw.slice_probabilities[group], raw.series_probabilities,
+                         raw.mask[group], dict(raw.timings_s))
+        out.timings_s["preprocess"] += averaging + time.perf_counter() - t1
+        return out
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     c_spec, s_spec = models.classifier_meta.spec, models.segmenter_meta.spec

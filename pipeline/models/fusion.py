@@ -24,7 +24,8 @@ index), for one pair of
 weights files: the file names their sha256 and :func:`check_fusion` refuses any other
 pair, because the coefficients mean nothing for other networks.
 
-The file is JSON (``pipeline/weights/fusion-0.2.0.json`` for the shipped demo weights, opt-in)::
+The file is JSON (``pipeline/weights/fusion.json`` for the shipped demo weights, used by
+default: ``models.fusion: auto``)::
 
     {"format": 1, "kind": "fusion", "name", "version", "demo", "classifier_sha256",
      "segmenter_sha256", "features", "coefficients": {label: [w1, w2, w3, w4, b]},
