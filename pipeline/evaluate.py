@@ -35,14 +35,7 @@ from tqdm import tqdm
 
 from pipeline.datasets import UNKNOWN_SUBTYPE, DataFormat, Study, iter_studies
 from pipeline.findings import LABELS, SUBTYPE_CODE, SUBTYPES
-from pipeline.inference import (
-    Models,
-    decide,
-    fusion_inputs,
-    load_models,
-    predict,
-    slab_factor,
-)
+from pipeline.inference import Models, decide, fusion_inputs, load_models, predict_volume
 from pipeline.lesions import voxel_volume_ml
 from pipeline.models.config import ModelsConfig
 from pipeline.models.fusion import Fusion, fit_fusion, write_fusion
@@ -165,8 +158,7 @@ class SeriesResult:
 
 def evaluate_study(study: Study, models: Models, config: ModelsConfig) -> SeriesResult:
     """Run the models on one study and compare with its reference."""
-    raw = predict(study.hu, models, config.batch_size,
-                  slab=slab_factor(study.image.GetSpacing()[2], config.slab_mm))
+    raw = predict_volume(study.hu, study.image, models, config)
     findings = decide(raw, study.image, models, config)
     vox = voxel_volume_ml(study.image)
     pred = findings.mask
@@ -354,8 +346,7 @@ def fuse(data: Path | None, fmt: DataFormat, out_path: Path,
                                                               matrix=matrix)
     inputs, labels = [], []
     for study in tqdm(source, desc="fuse", unit="series", disable=None):
-        raw = predict(study.hu, mdl, cfg.batch_size,
-                      slab=slab_factor(study.image.GetSpacing()[2], cfg.slab_mm))
+        raw = predict_volume(study.hu, study.image, mdl, cfg)
         inputs.append(fusion_inputs(raw, study.image))
         labels.append(np.asarray(study.series_labels))
     if not inputs:

@@ -314,15 +314,22 @@ def predict(hu: np.ndarray, models: Models, batch_size: int = 16,
     return RawOutputs(slice_p, series_p, mask, timings)
 
 
+def predict_volume(hu: np.ndarray, image: sitk.Image, models: Models, config: ModelsConfig
+                   ) -> RawOutputs:
+    """:func:`predict` for a volume on ``image``'s grid as ``config`` asks: its batch size
+    and, for a thin series, slab averaging (:func:`slab_factor` of the slice spacing)."""
+    spacing = image.GetSpacing()[2]
+    slab = slab_factor(spacing, config.slab_mm)
+    if slab > 1:
+        LOGGER.info("%.2f mm slices averaged in groups of %d for the networks "
+                    "(models.slab_mm %g)", spacing, slab, config.slab_mm)
+    return predict(hu, models, config.batch_size, slab=slab)
+
+
 def run_models(volume: Volume, models: Models, config: ModelsConfig) -> Findings:
     """Classify and segment ``volume``; see the module docstring for the decision rules."""
     t0 = time.perf_counter()
-    slab = slab_factor(volume.image.GetSpacing()[2], config.slab_mm)
-    if slab > 1:
-        LOGGER.info("series %s: %.2f mm slices averaged in groups of %d for the networks "
-                    "(models.slab_mm %g)", volume.series_uid, volume.image.GetSpacing()[2],
-                    slab, config.slab_mm)
-    raw = predict(volume.hu, models, config.batch_size, slab=slab)
+    raw = predict_volume(volume.hu, volume.image, models, config)
     findings = decide(raw, volume.image, models, config)
     findings.timings_s["total"] = round(time.perf_counter() - t0, 4)
     LOGGER.info("series %s: any=%.3f (%s), %d lesion(s), %.2fs", volume.series_uid,

@@ -31,10 +31,9 @@ def voxel_volume_ml(image: sitk.Image) -> float:
 
 
 def _box(marked: np.ndarray) -> tuple[slice, ...]:
-    """Bounding box of the True voxels of ``marked`` (at least one): the work on a mask is
-    done inside it, since most of a head CT is unmarked."""
-    box = ndimage.find_objects(marked.view(np.uint8) if marked.dtype == bool
-                               else marked.astype(np.uint8))[0]
+    """Bounding box of the True voxels of boolean ``marked`` (at least one): the work on a
+    mask is done inside it, since most of a head CT is unmarked."""
+    box = ndimage.find_objects(marked.view(np.uint8))[0]
     assert box is not None
     return tuple(box)
 
