@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from node.config import ConfigError, NodeConfig, load_config, parse_destination
+from pipeline.models.config import ModelsConfig
 
 LOGGER = logging.getLogger(__name__)
 
@@ -17,6 +18,37 @@ LOGGER = logging.getLogger(__name__)
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="config file (YAML); defaults apply without")
     parser.add_argument("--spool", type=Path, help="spool folder (overrides spool.path)")
+
+
+def _weights_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", type=Path, action="append", metavar="WEIGHTS.pt",
+                        help="use these weights instead of the configured ones (repeatable: a "
+                        "classifier and/or a segmenter; the JSON sidecar beside each file says "
+                        "which, and its input size and neighbours apply)")
+
+
+def models_with_weights(models: ModelsConfig, weights: Sequence[Path] | None,
+                        no_fusion: bool = False) -> ModelsConfig:
+    """``models`` with each of ``weights`` in place of the configured file of its kind (read
+    from its sidecar), that file's input size and neighbours, and no fusion if asked.
+    InferenceError for a missing or unreadable sidecar; ValueError for two files of one
+    kind or a configuration that no longer validates."""
+    from pipeline.models.weights import read_meta
+
+    update: dict[str, Any] = {}
+    for path in weights or ():
+        meta = read_meta(path)
+        if f"{meta.kind}_weights" in update:
+            raise ValueError(f"--weights names two {meta.kind} files: "
+                             f"{update[f'{meta.kind}_weights']} and {path}")
+        update[f"{meta.kind}_weights"] = path.resolve()
+        update[f"{meta.kind}_input_size"] = meta.spec.size
+        update[f"{meta.kind}_neighbours"] = meta.spec.neighbours
+    if no_fusion:
+        update["fusion"] = None
+    if not update:
+        return models
+    return ModelsConfig.model_validate({**models.model_dump(), **update})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=10_000,
                           help="first phantom seed (default 10000, away from training)")
     evaluate.add_argument("--matrix", type=int, default=256, help="phantom matrix")
+    _weights_flags(evaluate)
+    evaluate.add_argument("--no-fusion", action="store_true",
+                          help="the classifier decides alone (models.fusion null)")
 
     fuse = verbs.add_parser("fuse", help="fit the fusion of classifier and segmenter (series "
                                          "probabilities and operating points) on validation data")
@@ -127,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     fuse.add_argument("--l2", type=float, default=1.0, help="L2 penalty (default 1)")
     fuse.add_argument("--name", default="ich-fusion", help="name recorded in the file")
     fuse.add_argument("--version", default="0.1.0", help="version recorded in the file")
+    _weights_flags(fuse)
 
     demo = verbs.add_parser("demo", help="node + local result receiver + phantom studies on "
                                          "this machine; prints findings against the truth")
@@ -261,10 +297,16 @@ def cmd_evaluate(args: argparse.Namespace, config: NodeConfig) -> int:
     """``ich-node evaluate``."""
     import json
 
+    from pipeline.errors import PipelineError
     from pipeline.evaluate import evaluate
 
-    metrics = evaluate(args.data, args.fmt, args.out, config.pipeline.models, n=args.n,
-                       seed=args.seed, matrix=args.matrix)
+    try:
+        models = models_with_weights(config.pipeline.models, args.weights, args.no_fusion)
+        metrics = evaluate(args.data, args.fmt, args.out, models, n=args.n,
+                           seed=args.seed, matrix=args.matrix)
+    except (PipelineError, ValueError) as exc:
+        print(f"ich-node evaluate: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(metrics.get("summary", metrics), indent=2, default=str))
     print(f"report: {args.out}")
     return 0
@@ -279,7 +321,8 @@ def cmd_fuse(args: argparse.Namespace, config: NodeConfig) -> int:
     from pipeline.evaluate import fuse
 
     try:
-        fusion = fuse(args.data, args.fmt, args.out, config.pipeline.models, n=args.n,
+        models = models_with_weights(config.pipeline.models, args.weights)
+        fusion = fuse(args.data, args.fmt, args.out, models, n=args.n,
                       seed=args.seed, matrix=args.matrix, l2=args.l2, name=args.name,
                       version=args.version, command="ich-node " + shlex.join(sys.argv[1:]))
     except (PipelineError, ValueError) as exc:

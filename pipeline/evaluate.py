@@ -16,7 +16,8 @@ has a fusion file (:mod:`pipeline.models.fusion`), the classifier's otherwise; s
 probabilities are the classifier's. :func:`fuse` fits a fusion file on labelled series.
 
 Plots (matplotlib Agg): ROC per label (series and slice), calibration (reliability) per
-label, Bland-Altman of total blood volume.
+label for series and slices, with the Brier score of each (also in metrics.json),
+Bland-Altman of total blood volume.
 """
 
 from __future__ import annotations
@@ -203,7 +204,9 @@ def summarize(results: list[SeriesResult], thresholds: dict[str, float],
             "threshold": round(thresholds[name], 6),
             "sensitivity": _nan_to_none(sens), "specificity": _nan_to_none(spec),
             "sensitivity_at_specificity_0.95": _nan_to_none(
-                sensitivity_at_specificity(ys[:, i], ps[:, i], 0.95))}
+                sensitivity_at_specificity(ys[:, i], ps[:, i], 0.95)),
+            "brier_series": round(brier(ys[:, i], ps[:, i]), 6),
+            "brier_slice": round(brier(yl[:, i], pl[:, i]), 6)}
     out["weighted_log_loss_slice"] = round(weighted_log_loss(yl, pl), 6)
     out["weighted_log_loss_series"] = round(weighted_log_loss(ys, ps), 6)
     seg = [r for r in results if r.ref_ml is not None]
@@ -224,6 +227,29 @@ def summarize(results: list[SeriesResult], thresholds: dict[str, float],
                 "volume_error_ml_mean": round(float(err.mean()), 4),
                 "volume_error_ml_mean_abs": round(float(np.abs(err).mean()), 4)}
     return out
+
+
+def brier(y: np.ndarray, p: np.ndarray) -> float:
+    """Mean squared difference between probabilities and 0/1 labels (0 is perfect)."""
+    y = np.asarray(y, dtype=np.float64).ravel()
+    p = np.asarray(p, dtype=np.float64).ravel()
+    return float(np.mean((p - y) ** 2)) if y.size else float("nan")
+
+
+def reliability(y: np.ndarray, p: np.ndarray, bins: int = 10, least: int = 5
+                ) -> tuple[list[float], list[float]]:
+    """Points of a reliability curve: per equal-width probability bin with at least
+    ``least`` samples, the mean probability and the observed frequency of positives."""
+    y = np.asarray(y, dtype=np.float64).ravel()
+    p = np.asarray(p, dtype=np.float64).ravel()
+    idx = np.clip((p * bins).astype(int), 0, bins - 1)
+    xs, fr = [], []
+    for b in range(bins):
+        sel = idx == b
+        if sel.sum() >= least:
+            xs.append(float(p[sel].mean()))
+            fr.append(float(y[sel].mean()))
+    return xs, fr
 
 
 def write_plots(results: list[SeriesResult], out_dir: Path) -> list[Path]:
@@ -252,21 +278,19 @@ def write_plots(results: list[SeriesResult], out_dir: Path) -> list[Path]:
         paths.append(out_dir / f"roc_{level}.png")
         fig.savefig(paths[-1], dpi=100)
         plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 6))
-    edges = np.linspace(0, 1, 11)
-    for i, name in enumerate(LABELS):
-        idx = np.clip(np.digitize(pl[:, i], edges) - 1, 0, 9)
-        xs, fr = [], []
-        for b in range(10):
-            sel = idx == b
-            if sel.sum() >= 5:
-                xs.append(float(pl[sel, i].mean()))
-                fr.append(float(yl[sel, i].mean()))
-        ax.plot(xs, fr, marker="o", label=name)
-    ax.plot([0, 1], [0, 1], color="grey", lw=0.5, ls="--")
-    ax.set(xlabel="mean predicted probability (slice)", ylabel="observed frequency",
-           title="Calibration per slice")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 6))
+    # Series: the probabilities the node decides with and reports (few points: 5 bins).
+    for ax, level, y, p, bins, least in ((axes[0], "series", ys, ps, 5, 3),
+                                         (axes[1], "slice", yl, pl, 10, 5)):
+        for i, name in enumerate(LABELS):
+            xs, fr = reliability(y[:, i], p[:, i], bins, least)
+            ax.plot(xs, fr, marker="o", label=f"{name} (Brier {brier(y[:, i], p[:, i]):.3f})")
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.5, ls="--")
+        ax.set(xlabel=f"mean predicted probability ({level})", ylabel="observed frequency",
+               title=f"Calibration per {level} (n = {len(y)})", xlim=(-0.02, 1.02),
+               ylim=(-0.02, 1.02))
+        ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
     paths.append(out_dir / "calibration.png")
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
