@@ -176,12 +176,12 @@ def test_fuse_fits_on_studies_and_the_cli_refuses_one_class_data(tmp_path: Path)
     assert fusion.classifier_sha256 == read_meta(config.classifier_path).sha256
     assert fusion.metrics["series"] == 7 and fusion.metrics["positives"][0] == 5
     assert load_models(config).fusion is not None  # 'auto' finds it beside the weights
-    # The command line: one class only in the data is a clear error, exit status 2.
-    cfg = tmp_path / "node.yaml"
-    cfg.write_text(f"pipeline:\n  models:\n    classifier_weights: {config.classifier_path}\n"
-                   f"    segmenter_weights: {config.segmenter_path}\n"
-                   f"    classifier_input_size: 32\n    segmenter_input_size: 32\n")
-    run = subprocess.run([sys.executable, "-m", "node.cli", "fuse", "--config", str(cfg),
+    # The command line: one class only in the data is a clear error, exit status 2. The
+    # weights come from --weights, their 32-pixel input size from the sidecars (with the
+    # configured 128/256 the load would fail on the input spec instead).
+    run = subprocess.run([sys.executable, "-m", "node.cli", "fuse",
+                          "--weights", str(config.classifier_path),
+                          "--weights", str(config.segmenter_path),
                           "--n", "2", "--matrix", "32", "--seed", "5", "--out",
                           str(tmp_path / "cli.json")], capture_output=True, text=True,
                          cwd=REPO, timeout=300)
