@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from node.config import ConfigError, NodeConfig, load_config, parse_destination
-from pipeline.models.config import ModelsConfig
 
 LOGGER = logging.getLogger(__name__)
 
@@ -27,28 +26,29 @@ def _weights_flags(parser: argparse.ArgumentParser) -> None:
                         "which, and its input size and neighbours apply)")
 
 
-def models_with_weights(models: ModelsConfig, weights: Sequence[Path] | None,
-                        no_fusion: bool = False) -> ModelsConfig:
-    """``models`` with each of ``weights`` in place of the configured file of its kind (read
-    from its sidecar), that file's input size and neighbours, and no fusion if asked.
-    InferenceError for a missing or unreadable sidecar; ValueError for two files of one
-    kind or a configuration that no longer validates."""
+def _weights_overrides(weights: Sequence[Path] | None, no_fusion: bool) -> dict[str, Any]:
+    """``pipeline.models`` overrides for ``--weights`` and ``--no-fusion``: each file in
+    place of the configured file of its kind (read from its sidecar), with that file's input
+    size and neighbours. ConfigError for a missing or unreadable sidecar or two files of
+    one kind."""
+    models: dict[str, Any] = {"fusion": None} if no_fusion else {}
+    if not weights:
+        return models
+    from pipeline.errors import PipelineError  # torch: only when --weights is given
     from pipeline.models.weights import read_meta
 
-    update: dict[str, Any] = {}
-    for path in weights or ():
-        meta = read_meta(path)
-        if f"{meta.kind}_weights" in update:
-            raise ValueError(f"--weights names two {meta.kind} files: "
-                             f"{update[f'{meta.kind}_weights']} and {path}")
-        update[f"{meta.kind}_weights"] = path.resolve()
-        update[f"{meta.kind}_input_size"] = meta.spec.size
-        update[f"{meta.kind}_neighbours"] = meta.spec.neighbours
-    if no_fusion:
-        update["fusion"] = None
-    if not update:
-        return models
-    return ModelsConfig.model_validate({**models.model_dump(), **update})
+    for path in weights:
+        try:
+            meta = read_meta(path)
+        except PipelineError as exc:
+            raise ConfigError(f"--weights {path}: {exc}") from exc
+        if f"{meta.kind}_weights" in models:
+            raise ConfigError(f"--weights names two {meta.kind} files: "
+                              f"{models[f'{meta.kind}_weights']} and {path}")
+        models[f"{meta.kind}_weights"] = str(path.resolve())
+        models[f"{meta.kind}_input_size"] = meta.spec.size
+        models[f"{meta.kind}_neighbours"] = meta.spec.neighbours
+    return models
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,6 +203,9 @@ def config_from_args(args: argparse.Namespace) -> NodeConfig:
     if getattr(args, "destination", None):
         overrides["destinations"] = [parse_destination(d, i)
                                      for i, d in enumerate(args.destination)]
+    models = _weights_overrides(getattr(args, "weights", None), getattr(args, "no_fusion", False))
+    if models:
+        overrides.setdefault("pipeline", {})["models"] = models
     return load_config(args.config, overrides)
 
 
@@ -301,8 +304,7 @@ def cmd_evaluate(args: argparse.Namespace, config: NodeConfig) -> int:
     from pipeline.evaluate import evaluate
 
     try:
-        models = models_with_weights(config.pipeline.models, args.weights, args.no_fusion)
-        metrics = evaluate(args.data, args.fmt, args.out, models, n=args.n,
+        metrics = evaluate(args.data, args.fmt, args.out, config.pipeline.models, n=args.n,
                            seed=args.seed, matrix=args.matrix)
     except (PipelineError, ValueError) as exc:
         print(f"ich-node evaluate: {exc}", file=sys.stderr)
@@ -321,8 +323,7 @@ def cmd_fuse(args: argparse.Namespace, config: NodeConfig) -> int:
     from pipeline.evaluate import fuse
 
     try:
-        models = models_with_weights(config.pipeline.models, args.weights)
-        fusion = fuse(args.data, args.fmt, args.out, models, n=args.n,
+        fusion = fuse(args.data, args.fmt, args.out, config.pipeline.models, n=args.n,
                       seed=args.seed, matrix=args.matrix, l2=args.l2, name=args.name,
                       version=args.version, command="ich-node " + shlex.join(sys.argv[1:]))
     except (PipelineError, ValueError) as exc:
