@@ -80,7 +80,10 @@ LOGGER = logging.getLogger(__name__)
 
 # Raised whenever the same seed would give other pixels or labels (prepared-data caches key on it).
 # 2: blood in CSF spaces replaces the CSF share only, and is labelled only where it shows.
-PHANTOM_VERSION = 2
+# 3: blood that fills a voxel of pure CSF is labelled (version 2 lost those voxels to float32
+#    rounding, so sulcal and ventricular blood was labelled along its edges only, and the
+#    lesions grew until the edges alone met the requested volume).
+PHANTOM_VERSION = 3
 
 __all__ = [
     "PHANTOM_VERSION", "CTICH_FIRST_PATIENT", "PUBLISHED_HU", "RSNA_LABELS", "SUBTYPES", "SUBTYPE_CODES", "LABEL_PRIORITY",

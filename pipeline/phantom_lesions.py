@@ -419,6 +419,8 @@ def _ventricle_blood(f: Fields) -> tuple[F32, npt.NDArray[np.bool_]]:
 
 # Mean HU above which the rest of a voxel (what is not CSF) counts as bone or calcification.
 _DENSE_REST_HU = 100.0
+# HU of slack in that test (far below the 100 HU it separates, far above float32 rounding).
+_REST_TOLERANCE_HU = 0.5
 
 
 def _soft_rest(clean: F32, share: F32, csf_hu: float) -> npt.NDArray[np.bool_]:
@@ -427,7 +429,11 @@ def _soft_rest(clean: F32, share: F32, csf_hu: float) -> npt.NDArray[np.bool_]:
     half a voxel next to bone (a 5 mm slab under the vertex) or a calcification reads as
     bone, so it is painted but not labelled."""
     rest = clean - share * np.float32(csf_hu)
-    return np.asarray(rest <= (np.float32(1.0) - share) * np.float32(_DENSE_REST_HU))
+    # The tolerance keeps a voxel that is all CSF (share 1, rest 0 up to float32 rounding,
+    # which can come out a few 1e-5 HU above 0) on the soft side: without it, blood that
+    # fills a sulcus or ventricle was painted but labelled only along the edges.
+    limit = (np.float32(1.0) - share) * np.float32(_DENSE_REST_HU) + np.float32(_REST_TOLERANCE_HU)
+    return np.asarray(rest <= limit)
 
 
 def _crescent_h(delta: F32, q0: F32, t0: float, inv_r: float) -> tuple[F32, F32]:

@@ -91,6 +91,27 @@ def test_blood_in_csf_spaces_is_labelled_only_where_it_shows() -> None:
     assert float(np.percentile(pos.hu[lab], 99)) < 110.0
 
 
+def test_blood_that_fills_csf_is_labelled() -> None:
+    # The converse: where blood replaced (nearly) all of a voxel's CSF, the voxel is labelled.
+    # Phantom version 2 lost exactly those voxels (pure CSF failed the bone test by float32
+    # rounding), so a ventricle full of blood was labelled as a rim. 256 px has pure-CSF
+    # voxels in the ventricles and sulci; 128 px has few.
+    pos = P.generate_study(31, subtypes=["subarachnoid:8", "intraventricular:4"], slices=24, matrix=256)
+    neg = P.generate_study(31, subtypes=[], slices=24, matrix=256)
+    delta = pos.hu.astype(np.float64) - neg.hu
+    csf_kinds = (pos.labels == P.SUBTYPE_CODES["subarachnoid"]) | (pos.labels == P.SUBTYPE_CODES["intraventricular"])
+    # Blood of 50-90 HU over CSF of 3-10 HU: +40 HU or more only where blood holds most of the voxel.
+    filled = delta >= 40.0
+    assert filled.sum() > 500
+    # Interior voxels (all four in-plane neighbours filled too) as well as edges; version 2
+    # labelled 66 % of the filled voxels and 28 % of the interior ones. What stays unlabelled
+    # is blood over a dense structure (choroid plexus, falx), which reads as bone by design.
+    core = filled & np.roll(filled, 1, 1) & np.roll(filled, -1, 1) & np.roll(filled, 1, 2) & np.roll(filled, -1, 2)
+    assert core.sum() > 100
+    assert float(csf_kinds[filled].mean()) > 0.95
+    assert float(csf_kinds[core].mean()) > 0.95
+
+
 @pytest.mark.parametrize("subtype", P.SUBTYPES)
 def test_requested_sizes_are_met(subtype: str) -> None:
     for i, ml in enumerate(SIZES_ML[subtype]):
