@@ -9,7 +9,7 @@ the SR states the phantom's truth, the SEG exists for the positive study only, t
 preview series exists for both.
 
 Studies are small (24 slices of 128 x 128) to keep CPU inference short; the demo weights
-find a 20 mL intraparenchymal bleed reliably (held-out sensitivity 0.93, Dice 0.89 in
+find a 20 mL intraparenchymal bleed reliably (held-out intraparenchymal Dice 0.96 in
 MODEL_CARD.md), which is why it is the positive case here.
 """
 
