@@ -185,6 +185,12 @@ def _nan_to_none(value: float | None) -> float | None:
     return None if value is None or not np.isfinite(value) else round(float(value), 6)
 
 
+def _phantom_version() -> int:
+    """``pipeline.phantom.PHANTOM_VERSION`` (imported only when phantom data is used)."""
+    from pipeline.phantom import PHANTOM_VERSION
+    return PHANTOM_VERSION
+
+
 def summarize(results: list[SeriesResult], thresholds: dict[str, float],
               dice_min_ml: float = 1.0) -> dict[str, Any]:
     """metrics.json content from per-series results."""
@@ -338,6 +344,7 @@ def evaluate(data: Path | None, fmt: DataFormat, out_dir: Path,
     metrics = summarize(results, mdl.thresholds)
     metrics["data"] = {"format": fmt, "path": str(data) if data else None,
                        "phantom_seed": seed if data is None else None,
+                       "phantom_version": _phantom_version() if data is None else None,
                        "matrix": matrix if data is None else None}
     metrics["model"] = mdl.identity.to_dict()
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
@@ -375,7 +382,8 @@ def fuse(data: Path | None, fmt: DataFormat, out_path: Path,
         labels.append(np.asarray(study.series_labels))
     if not inputs:
         raise ValueError(f"no studies to fit the fusion on in {data or 'the phantom'}")
-    where = (f"{len(inputs)} phantom series from seed {seed}, {matrix} px matrix"
+    where = (f"{len(inputs)} phantom series from seed {seed}, {matrix} px matrix, "
+             f"phantom version {_phantom_version()}"
              if data is None else f"{len(inputs)} series of {data} ({fmt})")
     c, s = mdl.classifier_meta, mdl.segmenter_meta
     fusion = fit_fusion(inputs, np.stack(labels), c.sha256, s.sha256, name=name,

@@ -774,7 +774,8 @@ def _save_best(net: nn.Module, spec: InputSpec, arch: dict[str, Any], opts: Trai
                val: dict[str, Any], record: dict[str, Any], train_set: list[Prepared],
                val_set: list[Prepared], path: Path) -> WeightsMeta:
     if opts.data is None:
-        data = (f"synthetic phantom (pipeline.phantom) generated in memory: "
+        from pipeline.phantom import PHANTOM_VERSION
+        data = (f"synthetic phantom version {PHANTOM_VERSION} (pipeline.phantom) generated in memory: "
                 f"{len(train_set)} training studies from seed {opts.seed * 1_000_000}, "
                 f"{len(val_set)} validation studies from seed {opts.seed * 1_000_000 + 500_000}, "
                 f"{opts.matrix} px matrix")

@@ -59,6 +59,7 @@ def test_evaluate_writes_metrics_series_and_plots(ctich: Path, tmp_path: Path,
     assert list(metrics["labels"]) == list(LABELS)
     # --no-fusion: the bundle is the two networks only.
     assert "fusion" not in metrics["model"]["name"]
+    assert metrics["data"]["format"] == "ctich" and metrics["data"]["phantom_version"] is None
     y = np.array([s["labels"] for s in series])
     p = np.array([s["probabilities"] for s in series])
     assert y[:, 0].any() and not y[:, 0].all()

@@ -25,6 +25,7 @@ from pipeline.models.fusion import (
     write_fusion,
 )
 from pipeline.models.weights import read_meta
+from pipeline.phantom import PHANTOM_VERSION
 from tests.pipeline.test_inference import save_tiny_models, toy_volume
 from tests.pipeline.test_models import toy_study
 
@@ -175,6 +176,7 @@ def test_fuse_fits_on_studies_and_the_cli_refuses_one_class_data(tmp_path: Path)
     assert read_fusion(tmp_path / "fusion.json").coefficients == fusion.coefficients
     assert fusion.classifier_sha256 == read_meta(config.classifier_path).sha256
     assert fusion.metrics["series"] == 7 and fusion.metrics["positives"][0] == 5
+    assert fusion.fitted_on.endswith(f"phantom version {PHANTOM_VERSION}")
     assert load_models(config).fusion is not None  # 'auto' finds it beside the weights
     # The command line: one class only in the data is a clear error, exit status 2. The
     # weights come from --weights, their 32-pixel input size from the sidecars (with the

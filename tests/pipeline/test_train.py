@@ -22,6 +22,7 @@ from pipeline.findings import SUBTYPES
 from pipeline.models.classifier import ClassifierArch
 from pipeline.models.inputs import classifier_spec, segmenter_spec
 from pipeline.models.weights import load_weights, read_meta
+from pipeline.phantom import PHANTOM_VERSION
 from pipeline.train import (
     Prepared,
     TrainingError,
@@ -209,5 +210,5 @@ def test_phantom_in_memory_with_cache(tmp_path: Path) -> None:
     second = train("classifier", None, "phantom", tmp_path / "b", **kwargs)
     assert cached.stat().st_mtime_ns == stamp  # read, not regenerated
     _, meta = load_weights(second.best, classifier_spec(32, 1), "classifier")
-    assert "synthetic phantom" in meta.training["data"] and meta.demo
+    assert f"synthetic phantom version {PHANTOM_VERSION}" in meta.training["data"] and meta.demo
     assert first.best.is_file()
