@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import subprocess
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -104,6 +105,19 @@ def save_weights(state: StateDict, path: Path, meta: WeightsMeta) -> WeightsMeta
     _atomic_write_bytes(sidecar_path(path), lambda fh: fh.write(text.encode()))
     LOGGER.info("wrote %s weights %s (sha256 %s)", meta.kind, path, meta.sha256[:12])
     return meta
+
+
+def weights_from_git(commit: str, kind: ModelKind, dest: Path) -> Path:
+    """Copy ``pipeline/weights/{kind}.pt`` and its sidecar as they were at ``commit`` into
+    the folder ``dest`` (``git show``, run from the repository root): how the training
+    recipes in ``pipeline/weights/recipes`` start from an earlier shipped version. Returns
+    the ``.pt`` path."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in (f"{kind}.pt", f"{kind}.json"):
+        blob = subprocess.run(["git", "show", f"{commit}:pipeline/weights/{name}"],
+                              check=True, capture_output=True).stdout
+        (dest / name).write_bytes(blob)
+    return dest / f"{kind}.pt"
 
 
 def read_meta(path: Path) -> WeightsMeta:

@@ -15,9 +15,9 @@ Run from the repository root: ``python pipeline/weights/recipes/classifier_0_2_0
 from __future__ import annotations
 
 import logging
-import subprocess
 from pathlib import Path
 
+from pipeline.models.weights import weights_from_git
 from pipeline.train import train
 
 START = Path("runs/classifier_0_1_0")
@@ -28,12 +28,7 @@ ROUNDS = ((Path("runs/cls128ft"), 2, 0.0015), (Path("runs/cls128ft2"), 3, 0.001)
 def main() -> None:
     """Run the three rounds."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    START.mkdir(parents=True, exist_ok=True)
-    for name in ("classifier.pt", "classifier.json"):
-        blob = subprocess.run(["git", "show", f"070fb48:pipeline/weights/{name}"],
-                              check=True, capture_output=True).stdout
-        (START / name).write_bytes(blob)
-    init = START / "classifier.pt"
+    init = weights_from_git("070fb48", "classifier", START)
     for out, seed, lr in ROUNDS:
         result = train("classifier", None, "phantom", out, epochs=20, batch=6, lr=lr,
                        seq_len=16, steps_per_epoch=100, max_minutes=50, seed=seed, size=128,

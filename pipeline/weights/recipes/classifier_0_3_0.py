@@ -17,9 +17,9 @@ Run from the repository root: ``python pipeline/weights/recipes/classifier_0_3_0
 from __future__ import annotations
 
 import logging
-import subprocess
 from pathlib import Path
 
+from pipeline.models.weights import weights_from_git
 from pipeline.train import train
 
 START = Path("runs/classifier_0_2_0")
@@ -29,12 +29,7 @@ ROUNDS = ((Path("runs/cls030a"), 5, 0.001), (Path("runs/cls030b"), 6, 0.0008))
 def main() -> None:
     """Run the rounds."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    START.mkdir(parents=True, exist_ok=True)
-    for name in ("classifier.pt", "classifier.json"):
-        blob = subprocess.run(["git", "show", f"2b6c02c:pipeline/weights/{name}"],
-                              check=True, capture_output=True).stdout
-        (START / name).write_bytes(blob)
-    init = START / "classifier.pt"
+    init = weights_from_git("2b6c02c", "classifier", START)
     for out, seed, lr in ROUNDS:
         result = train("classifier", None, "phantom", out, epochs=20, batch=6, lr=lr,
                        seq_len=16, steps_per_epoch=100, max_minutes=50, seed=seed, size=128,

@@ -16,13 +16,13 @@ Run from the repository root: ``python pipeline/weights/recipes/classifier_0_4_0
 from __future__ import annotations
 
 import logging
-import subprocess
 from multiprocessing import Pool
 from pathlib import Path
 
 import torch
 
 from pipeline.datasets import phantom_studies
+from pipeline.models.weights import weights_from_git
 from pipeline.train import Prepared, TrainOptions, prepare, run_training
 
 START = Path("runs/classifier_0_3_0")
@@ -43,18 +43,14 @@ def study(job: tuple[int, bool]) -> Prepared:
 def main() -> None:
     """Fetch 0.3.0, generate the studies and fine-tune."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    START.mkdir(parents=True, exist_ok=True)
-    for name in ("classifier.pt", "classifier.json"):
-        blob = subprocess.run(["git", "show", f"8195b16:pipeline/weights/{name}"],
-                              check=True, capture_output=True).stdout
-        (START / name).write_bytes(blob)
+    init = weights_from_git("8195b16", "classifier", START)
     with Pool(2) as pool:
         data = pool.map(study, SAH_ONLY + ORDINARY + VALIDATION, chunksize=4)
     n_train = len(SAH_ONLY) + len(ORDINARY)
     opts = TrainOptions(kind="classifier", fmt="phantom", data=None, epochs=20, batch=6,
                         lr=0.0008, seq_len=16, steps_per_epoch=100, max_minutes=30, seed=9,
                         size=128, n_train=n_train, n_val=len(VALIDATION), matrix=256,
-                        init=str(START / "classifier.pt"),
+                        init=str(init),
                         command="python pipeline/weights/recipes/classifier_0_4_0.py")
     result = run_training(opts, OUT, data=(data[:n_train], data[n_train:]))
     print(result.best)

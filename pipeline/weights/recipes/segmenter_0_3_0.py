@@ -17,9 +17,9 @@ Run from the repository root: ``python pipeline/weights/recipes/segmenter_0_3_0.
 from __future__ import annotations
 
 import logging
-import subprocess
 from pathlib import Path
 
+from pipeline.models.weights import weights_from_git
 from pipeline.train import TrainOptions, load_data, run_training
 
 START = Path("runs/segmenter_0_2_0")
@@ -29,12 +29,7 @@ ROUNDS = ((Path("runs/seg030"), 5, 0.002), (Path("runs/seg030b"), 6, 0.0015))
 def main() -> None:
     """Fetch 0.2.0 and fine-tune it."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    START.mkdir(parents=True, exist_ok=True)
-    for name in ("segmenter.pt", "segmenter.json"):
-        blob = subprocess.run(["git", "show", f"2b6c02c:pipeline/weights/{name}"],
-                              check=True, capture_output=True).stdout
-        (START / name).write_bytes(blob)
-    init = START / "segmenter.pt"
+    init = weights_from_git("2b6c02c", "segmenter", START)
     for out, seed, lr in ROUNDS:
         opts = TrainOptions(kind="segmenter", fmt="phantom", data=None, epochs=12, batch=16,
                             lr=lr, seed=seed, size=256, crop=128, steps_per_epoch=150,

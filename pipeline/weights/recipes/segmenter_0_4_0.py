@@ -15,9 +15,9 @@ Run from the repository root: ``python pipeline/weights/recipes/segmenter_0_4_0.
 from __future__ import annotations
 
 import logging
-import subprocess
 from pathlib import Path
 
+from pipeline.models.weights import weights_from_git
 from pipeline.train import TrainOptions, load_data, run_training
 
 START = Path("runs/segmenter_0_3_0")
@@ -27,12 +27,7 @@ ROUNDS = ((Path("runs/seg040"), 7, 0.001),)
 def main() -> None:
     """Fetch 0.3.0 and fine-tune it."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    START.mkdir(parents=True, exist_ok=True)
-    for name in ("segmenter.pt", "segmenter.json"):
-        blob = subprocess.run(["git", "show", f"2736a47:pipeline/weights/{name}"],
-                              check=True, capture_output=True).stdout
-        (START / name).write_bytes(blob)
-    init = START / "segmenter.pt"
+    init = weights_from_git("2736a47", "segmenter", START)
     for out, seed, lr in ROUNDS:
         opts = TrainOptions(kind="segmenter", fmt="phantom", data=None, epochs=12, batch=16,
                             lr=lr, seed=seed, size=256, crop=128, steps_per_epoch=150,

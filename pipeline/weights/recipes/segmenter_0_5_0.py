@@ -18,13 +18,13 @@ Run from the repository root: ``python pipeline/weights/recipes/segmenter_0_5_0.
 from __future__ import annotations
 
 import logging
-import subprocess
 from multiprocessing import Pool
 from pathlib import Path
 
 import torch
 
 from pipeline.datasets import phantom_studies
+from pipeline.models.weights import weights_from_git
 from pipeline.train import Prepared, TrainOptions, prepare, run_training
 
 START = Path("runs/segmenter_0_4_0")
@@ -47,11 +47,7 @@ def study(job: Job) -> Prepared:
 def main() -> None:
     """Fetch 0.4.0, generate the studies and train one round."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    START.mkdir(parents=True, exist_ok=True)
-    for name in ("segmenter.pt", "segmenter.json"):
-        blob = subprocess.run(["git", "show", f"4757664:pipeline/weights/{name}"],
-                              check=True, capture_output=True).stdout
-        (START / name).write_bytes(blob)
+    init = weights_from_git("4757664", "segmenter", START)
     train_jobs = SAH_ONLY + IVH_ONLY + ORDINARY
     with Pool(2) as pool:
         data = pool.map(study, train_jobs + VALIDATION, chunksize=4)
@@ -59,7 +55,7 @@ def main() -> None:
     opts = TrainOptions(kind="segmenter", fmt="phantom", data=None, epochs=12, batch=16,
                         lr=0.0007, seed=11, size=256, crop=128, steps_per_epoch=150,
                         n_train=n_train, n_val=len(VALIDATION), matrix=MATRIX, max_minutes=45,
-                        init=str(START / "segmenter.pt"),
+                        init=str(init),
                         command="python pipeline/weights/recipes/segmenter_0_5_0.py")
     result = run_training(opts, OUT, data=(data[:n_train], data[n_train:]))
     print(result.best)
