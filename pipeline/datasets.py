@@ -343,6 +343,14 @@ def ctich_studies(root: Path) -> Iterator[Study]:
 # --------------------------------------------------------------------------- phantom
 
 
+def phantom_version() -> int:
+    """:data:`pipeline.phantom.PHANTOM_VERSION`: what a seed gives changes with it, so
+    records of phantom data (caches, weights, fusion, metrics) carry it."""
+    from pipeline.phantom import PHANTOM_VERSION  # not needed to read RSNA or CT-ICH data
+
+    return PHANTOM_VERSION
+
+
 def phantom_studies(n: int, seed: int, matrix: int = 128,
                     slices: tuple[int, int] = (24, 40), **options: Any) -> Iterator[Study]:
     """``n`` phantom studies generated in memory; study ``i`` comes from seed ``seed + i``

@@ -34,7 +34,7 @@ import numpy as np
 from scipy.stats import rankdata
 from tqdm import tqdm
 
-from pipeline.datasets import UNKNOWN_SUBTYPE, DataFormat, Study, iter_studies
+from pipeline.datasets import UNKNOWN_SUBTYPE, DataFormat, Study, iter_studies, phantom_version
 from pipeline.findings import LABELS, SUBTYPE_CODE, SUBTYPES
 from pipeline.inference import Models, decide, fusion_inputs, load_models, predict_volume
 from pipeline.lesions import voxel_volume_ml
@@ -183,12 +183,6 @@ def evaluate_study(study: Study, models: Models, config: ModelsConfig) -> Series
 
 def _nan_to_none(value: float | None) -> float | None:
     return None if value is None or not np.isfinite(value) else round(float(value), 6)
-
-
-def _phantom_version() -> int:
-    """``pipeline.phantom.PHANTOM_VERSION`` (imported only when phantom data is used)."""
-    from pipeline.phantom import PHANTOM_VERSION
-    return PHANTOM_VERSION
 
 
 def summarize(results: list[SeriesResult], thresholds: dict[str, float],
@@ -344,7 +338,7 @@ def evaluate(data: Path | None, fmt: DataFormat, out_dir: Path,
     metrics = summarize(results, mdl.thresholds)
     metrics["data"] = {"format": fmt, "path": str(data) if data else None,
                        "phantom_seed": seed if data is None else None,
-                       "phantom_version": _phantom_version() if data is None else None,
+                       "phantom_version": phantom_version() if data is None else None,
                        "matrix": matrix if data is None else None}
     metrics["model"] = mdl.identity.to_dict()
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
@@ -383,7 +377,7 @@ def fuse(data: Path | None, fmt: DataFormat, out_path: Path,
     if not inputs:
         raise ValueError(f"no studies to fit the fusion on in {data or 'the phantom'}")
     where = (f"{len(inputs)} phantom series from seed {seed}, {matrix} px matrix, "
-             f"phantom version {_phantom_version()}"
+             f"phantom version {phantom_version()}"
              if data is None else f"{len(inputs)} series of {data} ({fmt})")
     c, s = mdl.classifier_meta, mdl.segmenter_meta
     fusion = fit_fusion(inputs, np.stack(labels), c.sha256, s.sha256, name=name,

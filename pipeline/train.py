@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.datasets import UNKNOWN_SUBTYPE, DataFormat, Study, iter_studies
+from pipeline.datasets import UNKNOWN_SUBTYPE, DataFormat, Study, iter_studies, phantom_version
 from pipeline.errors import InferenceError, PipelineError
 from pipeline.evaluate import dice, operating_point, roc_auc, weighted_log_loss
 from pipeline.findings import LABELS
@@ -256,10 +256,8 @@ def _cache_file(opts: TrainOptions) -> Path | None:
     """Where prepared phantom data of these options is kept (None: no cache)."""
     if opts.cache is None:
         return None
-    from pipeline.phantom import PHANTOM_VERSION
-
     key = json.dumps([opts.seed, opts.n_train, opts.n_val, opts.matrix, opts.size,
-                      opts.phantom_options, PHANTOM_VERSION], sort_keys=True, default=str)
+                      opts.phantom_options, phantom_version()], sort_keys=True, default=str)
     return Path(opts.cache) / f"phantom-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
 
 
@@ -774,8 +772,7 @@ def _save_best(net: nn.Module, spec: InputSpec, arch: dict[str, Any], opts: Trai
                val: dict[str, Any], record: dict[str, Any], train_set: list[Prepared],
                val_set: list[Prepared], path: Path) -> WeightsMeta:
     if opts.data is None:
-        from pipeline.phantom import PHANTOM_VERSION
-        data = (f"synthetic phantom version {PHANTOM_VERSION} (pipeline.phantom) generated in memory: "
+        data = (f"synthetic phantom version {phantom_version()} (pipeline.phantom) generated in memory: "
                 f"{len(train_set)} training studies from seed {opts.seed * 1_000_000}, "
                 f"{len(val_set)} validation studies from seed {opts.seed * 1_000_000 + 500_000}, "
                 f"{opts.matrix} px matrix")
