@@ -74,6 +74,8 @@ def run_case(path: Path, repeat: int, device: str, threads: int) -> dict[str, fl
     out["volume_mb"] = hu.nbytes / 2**20
     out["rss_before_mb"] = base_rss
     out["threads"] = float(torch.get_num_threads())
+    out["gpu_peak_mb"] = (torch.cuda.max_memory_allocated() / 2**20
+                          if models.device.type == "cuda" else 0.0)
     return out
 
 
@@ -102,13 +104,14 @@ def main() -> int:
           f"{int(rows[0][1]['threads'])} torch threads on {cpus} CPU(s) "
           f"({platform.processor() or platform.machine()}), median of {args.repeat} after "
           "a warm-up\n")
+    gpu = any(r["gpu_peak_mb"] > 0 for _, r in rows)
     print("| slices | preprocess s | classifier s | segmenter s | lesions s | total s | "
-          "peak RSS MiB (volume MiB) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+          "peak RSS MiB (volume MiB) |" + (" peak GPU MiB |" if gpu else ""))
+    print("|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if gpu else ""))
     for n, r in rows:
         print(f"| {n} | {r['preprocess']:.2f} | {r['classifier']:.2f} | {r['segmenter']:.2f} "
               f"| {r['lesions']:.2f} | {r['total']:.2f} | {r['peak_rss_mb']:.0f} "
-              f"({r['volume_mb']:.0f}) |")
+              f"({r['volume_mb']:.0f}) |" + (f" {r['gpu_peak_mb']:.0f} |" if gpu else ""))
     print(f"\nModel load (both networks, sha256 checks): {rows[0][1]['load_s']:.2f} s")
     return 0
 

@@ -287,7 +287,8 @@ def predict(hu: np.ndarray, models: Models, batch_size: int = 16,
     for spec in (c_spec, s_spec):  # once when both networks share size and windows
         key = (spec.size, spec.windows)
         if key not in windows:
-            windows[key] = windows_on_grid(hu, grids[spec.size], spec.windows)
+            windows[key] = windows_on_grid(hu, grids[spec.size], spec.windows,
+                                           device=models.device)
     timings["preprocess"] = time.perf_counter() - t0
     dev = models.device
     with torch.inference_mode(), _autocast(models), _deterministic(models.deterministic):

@@ -128,19 +128,29 @@ class ModelGrid:
 
 def windows_on_grid(hu: np.ndarray, grid: ModelGrid,
                     windows: tuple[tuple[float, float], ...] = MODEL_WINDOWS,
-                    chunk: int = 32) -> torch.Tensor:
+                    chunk: int = 32, device: torch.device | None = None) -> torch.Tensor:
     """(z, h, w) HU -> (z, len(windows), size, size) float32 in [0, 1] on the model grid.
 
     Windowing happens at the volume's resolution, ``chunk`` slices at a time, so memory
-    stays at a few slices of full-resolution windows.
+    stays at a few slices of full-resolution windows. With a CUDA ``device`` the HU go to
+    the GPU as they are and the windows and the resize run there (the result stays there);
+    the arithmetic is :func:`pipeline.windowing.apply_window`'s, in float32.
     """
     if hu.ndim != 3:
         raise ValueError(f"expected a (z, y, x) volume, got shape {hu.shape}")
-    out = torch.empty((hu.shape[0], len(windows), grid.size, grid.size), dtype=torch.float32)
+    on_gpu = device is not None and device.type == "cuda"
+    out = torch.empty((hu.shape[0], len(windows), grid.size, grid.size), dtype=torch.float32,
+                      device=device if on_gpu else None)
     for start in range(0, hu.shape[0], chunk):
         part = hu[start:start + chunk]
-        stack = np.stack([apply_window(part, c, w) for c, w in windows], axis=1)
-        out[start:start + chunk] = grid.to_model(torch.from_numpy(stack))
+        if on_gpu:
+            raw = torch.from_numpy(np.ascontiguousarray(part)).to(device).float()
+            stack = torch.stack([((raw - float(np.float32(c - w / 2.0))) * float(np.float32(1.0 / w)))
+                                 .clamp_(0.0, 1.0) for c, w in windows], dim=1)
+        else:
+            stack = torch.from_numpy(np.stack([apply_window(part, c, w) for c, w in windows],
+                                              axis=1))
+        out[start:start + chunk] = grid.to_model(stack)
     return out
 
 

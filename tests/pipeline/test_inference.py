@@ -220,6 +220,20 @@ def test_cpu_gpu_parity(tiny: tuple[ModelsConfig, Models]) -> None:
     np.testing.assert_allclose(cpu.series_probabilities, mixed.series_probabilities, atol=0.05)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_windows_on_gpu_match_cpu() -> None:
+    """Windowing and resizing on the GPU give the CPU's inputs (int16 HU as CT stores them)."""
+    from pipeline.models.inputs import ModelGrid, windows_on_grid
+
+    hu = np.random.default_rng(3).integers(-1024, 2000, (5, 96, 80)).astype(np.int16)
+    grid = ModelGrid.for_shape(hu.shape, 64)
+    cpu = windows_on_grid(hu, grid, chunk=2)
+    gpu = windows_on_grid(hu, grid, chunk=2, device=torch.device("cuda"))
+    assert gpu.device.type == "cuda" and gpu.shape == cpu.shape
+    np.testing.assert_allclose(gpu.cpu().numpy(), cpu.numpy(), atol=1e-5)
+
+
 def test_models_identity_combines_both(tiny: tuple[ModelsConfig, Models]) -> None:
     _, models = tiny
     ident = models.identity
