@@ -67,7 +67,7 @@ from pipeline.models.weights import ModelKind, WeightsMeta, load_weights, read_m
 LOGGER = logging.getLogger(__name__)
 
 Kind = Literal["classifier", "segmenter"]
-MODEL_VERSION = "0.5.0"
+MODEL_VERSION = "0.6.0"
 
 
 class TrainingError(PipelineError):

@@ -250,7 +250,8 @@ def test_shipped_demo_weights_find_a_large_bleed() -> None:
 
     config = ModelsConfig(device="cpu")
     models = load_models(config)
-    assert models.identity.demo and models.classifier_meta.spec.size == 128
+    assert models.identity.demo
+    assert models.classifier_meta.spec.size == 128 and models.segmenter_meta.spec.size == 256
     study = phantom_to_study(phantom.generate_volume(424242, shape=(28, 160, 160),
                                                      subtypes=["epidural:30"]), "ship")
     volume = Volume(hu=study.hu, image=study.image, source_sop_uids=[None] * 28,
