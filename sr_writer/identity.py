@@ -50,10 +50,13 @@ def package_version() -> str:
 def software_versions(findings: Findings) -> list[str]:
     """SoftwareVersions (0018,1020, LO 1-n): the writer package, the model's name and
     version, and the weights checksum prefix, one value each (a value of 64 characters
-    would lose the checksum to the LO limit)."""
+    would lose the checksum to the LO limit). Name and version share a value when it fits
+    in 64 characters, else each gets its own (the bundle's combined name is longer: one
+    value cut at 64 lost the end of the version)."""
     model = findings.model
-    return [f"ich-node {package_version()}"[:64], f"{model.name} {model.version}"[:64],
-            f"sha256:{model.sha256[:16]}"]
+    both = f"{model.name} {model.version}"
+    named = [both] if len(both) <= 64 else [model.name[:64], model.version[:64]]
+    return [f"ich-node {package_version()}"[:64], *named, f"sha256:{model.sha256[:16]}"]
 
 
 def device_serial_number(config: ResultsConfig) -> str:

@@ -158,3 +158,22 @@ def test_objects_read_back_without_validation_warnings(positive: Case) -> None:
                 pass
     versions = list(dcmread(positive.file_of("SR")).SoftwareVersions)
     assert f"sha256:{positive.findings.model.sha256[:16]}" in versions
+
+
+def test_software_versions_keep_a_long_bundle_version_whole() -> None:
+    """The shipped bundle's name and version together pass the 64 characters of LO: they
+    become two values, so the version is not cut (it was '... 0.4.0+0.6')."""
+    from types import SimpleNamespace
+
+    from pipeline.findings import ModelIdentity
+    from sr_writer.identity import software_versions
+    from tests.sr_writer.factory import DEMO_MODEL
+
+    long = ModelIdentity(name="ich-demo-classifier+ich-demo-segmenter+ich-demo-fusion",
+                         version="0.4.0+0.6.0+0.6.0", sha256="ab" * 32)
+    findings = SimpleNamespace(model=long)
+    values = software_versions(findings)  # type: ignore[arg-type]
+    assert values[1:] == [long.name, long.version, "sha256:" + "ab" * 8]
+    assert all(len(v) <= 64 for v in values)
+    short = software_versions(SimpleNamespace(model=DEMO_MODEL))  # type: ignore[arg-type]
+    assert short[1:] == ["ich-demo 0.1.0", "sha256:" + "5e" * 8]
