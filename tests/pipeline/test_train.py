@@ -212,3 +212,19 @@ def test_phantom_in_memory_with_cache(tmp_path: Path) -> None:
     _, meta = load_weights(second.best, classifier_spec(32, 1), "classifier")
     assert f"synthetic phantom version {PHANTOM_VERSION}" in meta.training["data"] and meta.demo
     assert first.best.is_file()
+
+
+def test_prepare_phantom_matches_prepare_in_order() -> None:
+    """The recipes' pool gives, in job order, what :func:`prepare` gives for each seed."""
+    from pipeline.datasets import phantom_studies
+    from pipeline.train import prepare, prepare_phantom
+
+    jobs = [(31_000, {"subtypes": ["epidural"]}), (31_001, {"subtypes": None})]
+    pooled = prepare_phantom(jobs, 64, 32, processes=2, chunksize=1)
+    for (seed, options), got in zip(jobs, pooled, strict=True):
+        want = prepare(next(phantom_studies(1, seed, 64, **options)), 32)
+        assert got.study_id == want.study_id == f"phantom-{seed}"
+        np.testing.assert_array_equal(got.windows, want.windows)
+        np.testing.assert_array_equal(got.slice_labels, want.slice_labels)
+        assert got.mask is not None and want.mask is not None
+        np.testing.assert_array_equal(got.mask, want.mask)

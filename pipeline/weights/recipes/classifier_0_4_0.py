@@ -16,36 +16,24 @@ Run from the repository root: ``python pipeline/weights/recipes/classifier_0_4_0
 from __future__ import annotations
 
 import logging
-from multiprocessing import Pool
 from pathlib import Path
 
-import torch
-
-from pipeline.datasets import phantom_studies
 from pipeline.models.weights import weights_from_git
-from pipeline.train import Prepared, TrainOptions, prepare, run_training
+from pipeline.train import PhantomJob, TrainOptions, prepare_phantom, run_training
 
 START = Path("runs/classifier_0_3_0")
 OUT = Path("runs/cls040")
-SAH_ONLY = [(9_000_000 + i, True) for i in range(150)]
-ORDINARY = [(9_100_000 + i, False) for i in range(150)]
-VALIDATION = [(9_500_000 + i, False) for i in range(40)]
-
-
-def study(job: tuple[int, bool]) -> Prepared:
-    """One phantom study on the classifier's grid (one thread per worker process)."""
-    seed, sah_only = job
-    torch.set_num_threads(1)
-    subtypes = ["subarachnoid"] if sah_only else None
-    return prepare(next(phantom_studies(1, seed, 256, subtypes=subtypes)), 128)
+SAH_ONLY: list[PhantomJob] = [(9_000_000 + i, {"subtypes": ["subarachnoid"]})
+                              for i in range(150)]
+ORDINARY: list[PhantomJob] = [(9_100_000 + i, {"subtypes": None}) for i in range(150)]
+VALIDATION: list[PhantomJob] = [(9_500_000 + i, {"subtypes": None}) for i in range(40)]
 
 
 def main() -> None:
     """Fetch 0.3.0, generate the studies and fine-tune."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     init = weights_from_git("8195b16", "classifier", START)
-    with Pool(2) as pool:
-        data = pool.map(study, SAH_ONLY + ORDINARY + VALIDATION, chunksize=4)
+    data = prepare_phantom(SAH_ONLY + ORDINARY + VALIDATION, 256, 128, processes=2)
     n_train = len(SAH_ONLY) + len(ORDINARY)
     opts = TrainOptions(kind="classifier", fmt="phantom", data=None, epochs=20, batch=6,
                         lr=0.0008, seq_len=16, steps_per_epoch=100, max_minutes=30, seed=9,

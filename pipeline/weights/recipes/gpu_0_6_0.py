@@ -29,8 +29,8 @@ Run from the repository root on a machine with CUDA::
     python pipeline/weights/recipes/gpu_0_6_0.py --part all --parallel
 
 Each network trains 12 epochs; ``--parallel`` runs both rounds at once on the one GPU,
-each on half the CPUs (without it, one after the other, as on a CPU). The prepared studies are saved to ``--cache`` (a pickle, about 11 GB)
-and read from there by later runs; generation uses one process per CPU (about 5 minutes
+each on half the CPUs (without it, one after the other, as on a CPU). The prepared
+studies are saved to ``--cache`` (a pickle, about 11 GB) and read from there by later runs; generation uses one process per CPU (about 5 minutes
 on 16 cores). ``--minutes`` stops a round after the epoch that passes it and ``--resume``
 goes on from there: how the shipped rounds ran, in two commands within the 10-minute
 limit of the lent GPU machine (see the model card).
@@ -45,29 +45,25 @@ import logging
 import os
 import pickle
 import time
-from multiprocessing import Pool, get_context
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 
-from pipeline.datasets import phantom_studies
 from pipeline.models.weights import ModelKind, weights_from_git
-from pipeline.train import Prepared, TrainOptions, prepare, run_training
+from pipeline.train import PhantomJob, Prepared, TrainOptions, prepare_phantom, run_training
 
 COMMIT = "8aa0b2e"  # classifier 0.4.0, segmenter 0.5.0
 START_SHA = {"classifier": "163d2892cc1949ba182220309f92bdf53967c59d6d83b7127b76532367402ff3",
              "segmenter": "a7e593fdf11088a05d9c287963cf08844b696f1b331e6357b87d474794e36e48"}
 MATRIX = 512
 SIZE = 256
-Job = tuple[int, dict[str, Any]]
-
-
-def _group(start: int, n: int, **options: Any) -> list[Job]:
+def _group(start: int, n: int, **options: Any) -> list[PhantomJob]:
     return [(start + i, options) for i in range(n)]
 
 
-TRAIN: list[Job] = (
+TRAIN: list[PhantomJob] = (
     _group(13_000_000, 250, subtypes=["subarachnoid"])
     + _group(13_100_000, 100, subtypes=["intraventricular"])
     + _group(13_200_000, 100, subtypes=["intraparenchymal"])
@@ -75,15 +71,8 @@ TRAIN: list[Job] = (
     + _group(13_400_000, 100, subtypes=["epidural"])
     + _group(13_500_000, 500)
     + _group(13_700_000, 130, negative_fraction=1.0))
-VALIDATION: list[Job] = _group(13_900_000, 60)
+VALIDATION: list[PhantomJob] = _group(13_900_000, 60)
 COMMAND = "python pipeline/weights/recipes/gpu_0_6_0.py --part all --parallel"
-
-
-def study(job: Job) -> Prepared:
-    """One phantom study at 512 px on the 256-px grid (one thread per worker)."""
-    seed, options = job
-    torch.set_num_threads(1)
-    return prepare(next(phantom_studies(1, seed, MATRIX, **options)), SIZE)
 
 
 def load(cache: Path, quick: bool) -> tuple[list[Prepared], list[Prepared]]:
@@ -95,8 +84,8 @@ def load(cache: Path, quick: bool) -> tuple[list[Prepared], list[Prepared]]:
         logging.info("loaded %d + %d studies from %s", len(data[0]), len(data[1]), cache)
         return data
     t0 = time.monotonic()
-    with Pool(os.cpu_count() or 2) as pool:
-        studies = pool.map(study, train_jobs + val_jobs, chunksize=2)
+    studies = prepare_phantom(train_jobs + val_jobs, MATRIX, SIZE, os.cpu_count() or 2,
+                              chunksize=2)
     data = (studies[:len(train_jobs)], studies[len(train_jobs):])
     logging.info("generated %d + %d studies in %.0f s", len(data[0]), len(data[1]),
                  time.monotonic() - t0)

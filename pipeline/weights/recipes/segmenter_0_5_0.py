@@ -18,30 +18,20 @@ Run from the repository root: ``python pipeline/weights/recipes/segmenter_0_5_0.
 from __future__ import annotations
 
 import logging
-from multiprocessing import Pool
 from pathlib import Path
 
-import torch
-
-from pipeline.datasets import phantom_studies
 from pipeline.models.weights import weights_from_git
-from pipeline.train import Prepared, TrainOptions, prepare, run_training
+from pipeline.train import PhantomJob, TrainOptions, prepare_phantom, run_training
 
 START = Path("runs/segmenter_0_4_0")
 OUT = Path("runs/seg050")
 MATRIX = 512
-Job = tuple[int, list[str] | None]  # (seed, subtypes or None for an ordinary study)
-SAH_ONLY: list[Job] = [(11_000_000 + i, ["subarachnoid"]) for i in range(100)]
-IVH_ONLY: list[Job] = [(11_100_000 + i, ["intraventricular"]) for i in range(50)]
-ORDINARY: list[Job] = [(11_200_000 + i, None) for i in range(150)]
-VALIDATION: list[Job] = [(11_500_000 + i, None) for i in range(20)]
-
-
-def study(job: Job) -> Prepared:
-    """One phantom study at 512 px on the segmenter's 256-px grid (one thread per worker)."""
-    seed, subtypes = job
-    torch.set_num_threads(1)
-    return prepare(next(phantom_studies(1, seed, MATRIX, subtypes=subtypes)), 256)
+SAH_ONLY: list[PhantomJob] = [(11_000_000 + i, {"subtypes": ["subarachnoid"]})
+                              for i in range(100)]
+IVH_ONLY: list[PhantomJob] = [(11_100_000 + i, {"subtypes": ["intraventricular"]})
+                              for i in range(50)]
+ORDINARY: list[PhantomJob] = [(11_200_000 + i, {"subtypes": None}) for i in range(150)]
+VALIDATION: list[PhantomJob] = [(11_500_000 + i, {"subtypes": None}) for i in range(20)]
 
 
 def main() -> None:
@@ -49,8 +39,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     init = weights_from_git("4757664", "segmenter", START)
     train_jobs = SAH_ONLY + IVH_ONLY + ORDINARY
-    with Pool(2) as pool:
-        data = pool.map(study, train_jobs + VALIDATION, chunksize=4)
+    data = prepare_phantom(train_jobs + VALIDATION, MATRIX, 256, processes=2)
     n_train = len(train_jobs)
     opts = TrainOptions(kind="segmenter", fmt="phantom", data=None, epochs=12, batch=16,
                         lr=0.0007, seed=11, size=256, crop=128, steps_per_epoch=150,
